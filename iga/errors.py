@@ -1,0 +1,20 @@
+"""Errors a user can fix. Each message names the file, line, key or field at fault."""
+
+
+class IGAError(Exception):
+    """Base class: the CLI prints the message and exits non-zero instead of a traceback."""
+
+
+class ConfigError(IGAError):
+    """An invalid or missing setting (params.yaml key, environment variable)."""
+
+
+class DataError(IGAError):
+    """Malformed input data (seed file, intermediate JSONL)."""
+
+
+class TeacherError(IGAError):
+    """One failed teacher attempt (HTTP error, bad JSON, schema mismatch).
+
+    Never fatal: the attempt becomes a row with `error` set, which the gates reject.
+    """

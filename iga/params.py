@@ -1,0 +1,201 @@
+"""The one reader of params.yaml. Every stage gets a validated, frozen `Params`.
+
+params.yaml is the single source of defaults: every key is required here, unknown keys are
+errors (a typo must not silently fall back to a default), and each error names its key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from iga.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+@dataclass(frozen=True)
+class SeedsParams:
+    source: Literal["procedural", "jsonl", "gsm_symbolic"]
+    n: int  # seeds to generate (procedural, gsm_symbolic); ignored for jsonl
+    seed: int
+    min_steps: int
+    max_steps: int
+    families: tuple[str, ...]
+    path: str | None  # the user's JSONL seed file (source: jsonl)
+
+
+@dataclass(frozen=True)
+class DomainsParams:
+    train: tuple[str, ...]  # isomer domains used for training and ID evaluation
+    ood: tuple[str, ...]  # held-out domains, test seeds only, OOD evaluation
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return self.train + self.ood
+
+
+@dataclass(frozen=True)
+class OpenAIParams:
+    model: str
+    base_url: str | None  # None: the client's default (OPENAI_BASE_URL or api.openai.com)
+    temperature: float
+    max_tokens: int
+    timeout_s: float
+    max_retries: int  # the openai client's own retries (429/5xx/connection), per call
+    prompt_version: str
+
+
+@dataclass(frozen=True)
+class TeacherParams:
+    provider: Literal["procedural", "openai"]
+    seed: int
+    flaw_rate: float  # procedural: mean probability that an attempt has a mistake
+    chunk_size: int  # seeds (or regeneration requests) per Prefect task
+    task_retries: int  # Prefect retries of a chunk that crashed
+    openai: OpenAIParams
+
+
+@dataclass(frozen=True)
+class GateParams:
+    min_alignment: float
+    max_step_diff: int
+    max_attempts: int  # teacher attempts per instance, the first included
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    unit: Literal["seed", "instance"]  # instance: the paper's leakage ablation only
+    test_fraction: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Params:
+    seeds: SeedsParams
+    domains: DomainsParams
+    teacher: TeacherParams
+    gate: GateParams
+    split: SplitParams
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"params: {key} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is tuple:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"params: {key} must be a non-empty list, got {value!r}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"params: {key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"params: {prefix or 'the file'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    dot = f"{prefix}." if prefix else ""
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"params: unknown key {dot}{k} (expected one of {names})")
+    for k in names:
+        if k not in data:
+            raise ConfigError(f"params: missing key {dot}{k}")
+    return cls(**{k: _convert(hints[k], data[k], f"{dot}{k}") for k in names})
+
+
+def _check(ok: bool, key: str, msg: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"params: {key} {msg}, got {value!r}")
+
+
+def _validate(p: Params) -> None:
+    s, t, g, sp = p.seeds, p.teacher, p.gate, p.split
+    _check(s.n >= 1, "seeds.n", "must be >= 1", s.n)
+    _check(2 <= s.min_steps <= s.max_steps <= 6, "seeds.min_steps/max_steps", "must satisfy 2 <= min <= max <= 6",
+           (s.min_steps, s.max_steps))
+    from iga.seeds import FAMILIES  # late import: seeds imports params types
+
+    for i, f in enumerate(s.families):
+        _check(f in FAMILIES, f"seeds.families[{i}]", f"must be one of {sorted(FAMILIES)}", f)
+    _check(s.source != "jsonl" or bool(s.path), "seeds.path", "is required when seeds.source is jsonl", s.path)
+    _check(s.source == "procedural" or t.provider != "procedural", "teacher.provider",
+           f"procedural can only instantiate procedural seeds (they carry a program); seeds.source {s.source!r} "
+           "needs teacher.provider: openai", t.provider)
+    from iga.teacher.domains import DOMAINS
+
+    for name, doms in (("domains.train", p.domains.train), ("domains.ood", p.domains.ood)):
+        for i, d in enumerate(doms):
+            _check(t.provider != "procedural" or d in DOMAINS, f"{name}[{i}]",
+                   f"is unknown to the procedural teacher (known: {sorted(DOMAINS)})", d)
+    overlap = set(p.domains.train) & set(p.domains.ood)
+    _check(not overlap, "domains.ood", "must not share domains with domains.train", sorted(overlap))
+    _check(len(set(p.domains.all)) == len(p.domains.all), "domains", "must not list a domain twice", p.domains.all)
+    _check(0.0 <= t.flaw_rate < 1.0, "teacher.flaw_rate", "must be in [0, 1)", t.flaw_rate)
+    _check(t.chunk_size >= 1, "teacher.chunk_size", "must be >= 1", t.chunk_size)
+    _check(t.task_retries >= 0, "teacher.task_retries", "must be >= 0", t.task_retries)
+    _check(0.0 <= t.openai.temperature <= 2.0, "teacher.openai.temperature", "must be in [0, 2]", t.openai.temperature)
+    _check(t.openai.max_tokens >= 1, "teacher.openai.max_tokens", "must be >= 1", t.openai.max_tokens)
+    _check(t.openai.timeout_s > 0, "teacher.openai.timeout_s", "must be > 0", t.openai.timeout_s)
+    _check(t.openai.max_retries >= 0, "teacher.openai.max_retries", "must be >= 0", t.openai.max_retries)
+    _check(0.0 <= g.min_alignment <= 1.0, "gate.min_alignment", "must be in [0, 1]", g.min_alignment)
+    _check(g.max_step_diff >= 0, "gate.max_step_diff", "must be >= 0", g.max_step_diff)
+    _check(g.max_attempts >= 1, "gate.max_attempts", "must be >= 1", g.max_attempts)
+    _check(0.0 < sp.test_fraction < 1.0, "split.test_fraction", "must be in (0, 1)", sp.test_fraction)
+
+
+def parse_params(data: Any) -> Params:
+    params = _build(Params, data, "")
+    _validate(params)
+    return params
+
+
+def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; `overrides` maps dotted keys ("gate.min_alignment") to values."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for k in parents:
+            node = node[k]
+        if last not in node:
+            raise ConfigError(f"params: override of unknown key {dotted}")
+        node[last] = value
+    try:
+        return parse_params(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def require_teacher_credentials(params: Params) -> None:
+    """Fail before any work when the openai teacher has no key (local servers accept any value)."""
+    if params.teacher.provider == "openai" and not os.environ.get("OPENAI_API_KEY"):
+        raise ConfigError("teacher.provider is openai but OPENAI_API_KEY is not set "
+                          "(for a local vLLM/Ollama endpoint any non-empty value works)")

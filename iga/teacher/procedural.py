@@ -1,0 +1,98 @@
+"""The embedded teacher: offline, free, deterministic, and wrong about as often as asked.
+
+It renders each seed's program in every domain. With probability p_s per attempt an instance gets
+one realistic mistake. p_s is drawn per seed from a Beta distribution whose mean is
+`teacher.flaw_rate`: a real teacher's errors are correlated (it keeps failing on the seeds it
+misunderstands), which is why regeneration cannot rescue every group. Alignment is measured by
+comparing the DAG of what was actually written with the seed's DAG.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import replace
+from typing import Any
+
+from iga.dag import LogicalDAG, structural_alignment
+from iga.errors import TeacherError
+from iga.program import Program, Step, node_ids, render
+from iga.seeds import seed_program
+from iga.teacher.base import Teacher
+from iga.teacher.domains import DOMAINS
+
+FLAWS = ("dropped_step", "extra_step", "broken_dependency", "wrong_answer")
+_CONCENTRATION = 1.0  # Beta(a, b) with a + b = 1: strongly seed-dependent error rates
+
+
+class ProceduralTeacher(Teacher):
+    provider = "procedural"
+
+    def extract(self, seed: dict[str, Any]) -> dict[str, Any]:
+        if seed_program(seed) is None:
+            raise TeacherError(f"seed {seed['seed_id']} has no program; the procedural teacher needs procedural seeds")
+        return {"dag": seed["dag"], "cot_solution": seed["cot_solution"]}
+
+    def flaw_probability(self, seed_id: str) -> float:
+        rate = self.params.teacher.flaw_rate
+        if rate == 0:
+            return 0.0
+        rng = random.Random(f"{self.params.teacher.seed}:{seed_id}:hardness")
+        return rng.betavariate(rate * _CONCENTRATION, (1 - rate) * _CONCENTRATION)
+
+    def instantiate(self, seed: dict[str, Any], dag: LogicalDAG, domain: str, attempt: int) -> dict[str, Any]:
+        t = self.params.teacher
+        rng = random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:{attempt}")
+        program = seed_program(seed)
+        flaw = rng.choice(FLAWS) if rng.random() < self.flaw_probability(seed["seed_id"]) else None
+        program, extra, flaw = _apply_flaw(program, flaw, rng)
+        d = DOMAINS[domain]
+        names = _names(program, extra, d, random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:names"))
+        problem, cot = render(program, d.templates, d.unit, names, rng, extra)
+        answer = program.answer()
+        if flaw == "wrong_answer":
+            answer = _wrong(answer, rng)
+            cot = re.sub(r"Answer: .*$", f"Answer: {answer}", cot)
+        written = replace(program, steps=program.steps[:-1] + extra + program.steps[-1:])
+        return {"problem": problem, "cot_solution": cot, "answer": answer, "flaw": flaw,
+                "instance_dag": written.to_dag().to_dict()}
+
+    def verify(self, seed: dict[str, Any], dag: LogicalDAG, domain: str, instance: dict[str, Any]) -> float:
+        written = LogicalDAG.from_dict(instance["instance_dag"], f"instance of {seed['seed_id']} in {domain}")
+        return structural_alignment(written, dag)
+
+
+def _apply_flaw(program: Program, flaw: str | None, rng: random.Random) -> tuple[Program, tuple[Step, ...], str | None]:
+    steps = program.steps
+    if flaw is None:
+        return program, (), None
+    if flaw == "dropped_step" and len(steps) >= 2:
+        return replace(program, hidden=frozenset({rng.choice(steps[:-1]).out})), (), flaw
+    if flaw == "extra_step":
+        g = [k for k, _ in program.givens]
+        if program.family == "arithmetic":
+            extra = Step("x1", "add", (g[0], g[-1]))  # a computation nothing uses
+        elif program.family == "implication":
+            extra = Step("x1", "then", (g[0],))  # an unsupported conclusion
+        else:
+            extra = Step("x1", "trans", (g[0], g[1]))  # a restated inference
+        return program, (extra,), flaw
+    if flaw == "broken_dependency":
+        k = rng.randrange(1, len(steps))
+        earlier = [g for g, _ in program.givens] + [s.out for s in steps[:k]]
+        candidates = [x for x in earlier if x not in steps[k].args]
+        if candidates:
+            new_args = (rng.choice(candidates),) + steps[k].args[1:]
+            return replace(program, steps=steps[:k] + (replace(steps[k], args=new_args),) + steps[k + 1:]), (), flaw
+    return program, (), "wrong_answer"  # asked for, or the program had no room for the drawn flaw
+
+
+def _names(program: Program, extra: tuple[Step, ...], d, rng: random.Random) -> dict[str, str]:
+    ids = node_ids(program, extra)
+    pool = {"arithmetic": d.quantities, "implication": d.propositions, "comparison": d.entities}[program.family]
+    return dict(zip(ids, rng.sample(pool, len(ids)))) | {"cmp": d.comparative}
+
+
+def _wrong(answer: str, rng: random.Random) -> str:
+    if answer in ("yes", "no"):
+        return "no" if answer == "yes" else "yes"
+    return str(int(answer) + rng.choice((-1, 1)) * rng.randint(1, 9))

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks: file I/O around calls into the `iga` library."""

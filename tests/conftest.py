@@ -1,0 +1,77 @@
+"""Hermetic test settings: every tool gets a temporary home and no telemetry, set before any import."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+_HOME = Path(tempfile.mkdtemp(prefix="iga-tests-"))
+os.environ.update({
+    "PREFECT_HOME": str(_HOME / "prefect"),
+    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{_HOME / 'prefect' / 'prefect.db'}",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MPLCONFIGDIR": str(_HOME / "mpl"),
+    "HF_HOME": str(_HOME / "hf"),
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "DVC_SITE_CACHE_DIR": str(_HOME / "dvc-site"),
+    "DVC_GLOBAL_CONFIG_DIR": str(_HOME / "dvc-global"),
+    "DVC_SYSTEM_CONFIG_DIR": str(_HOME / "dvc-system"),
+    "GX_ANALYTICS_ENABLED": "false",
+    "GIT_CONFIG_GLOBAL": str(_HOME / "gitconfig"),
+})
+for var in ("PREFECT_API_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+    os.environ.pop(var, None)
+
+# Small enough for seconds, large enough that every family, flaw and gate shows up.
+TINY = {"seeds.n": 30, "teacher.chunk_size": 8}
+
+
+def write_params(directory: Path, overrides: dict | None = None) -> Path:
+    """params.yaml from the project's, with dotted-key overrides, written into `directory`."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in {**TINY, **(overrides or {})}.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for k in parents:
+            node = node[k]
+        assert last in node, dotted
+        node[last] = value
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """One real Prefect server for the whole session; its URL lets subprocesses skip a 15 s start-up."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A scratch project directory with tiny params; the flows read and write relative to it."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path)
+    return tmp_path
+
+
+def copy_project(dest: Path) -> None:
+    for name in ("iga", "tasks", "flows"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")

@@ -1,0 +1,56 @@
+import pytest
+
+from conftest import ROOT, write_params
+from iga.errors import ConfigError
+from iga.params import load_params, require_teacher_credentials
+
+
+def test_project_params_load():
+    p = load_params(ROOT / "params.yaml")
+    assert p.gate.min_alignment == 0.85 and p.gate.max_step_diff == 2
+    assert p.domains.train == ("mathematics", "medical", "legal", "science")
+    assert set(p.domains.ood).isdisjoint(p.domains.train)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("gate.min_alignment", 1.5, "gate.min_alignment must be in [0, 1]"),
+    ("gate.max_attempts", 0, "gate.max_attempts must be >= 1"),
+    ("gate.max_step_diff", "two", "gate.max_step_diff must be int"),
+    ("split.unit", "group", "split.unit must be one of"),
+    ("split.test_fraction", 1.0, "split.test_fraction must be in (0, 1)"),
+    ("teacher.provider", "anthropic", "teacher.provider must be one of"),
+    ("teacher.flaw_rate", -0.1, "teacher.flaw_rate must be in [0, 1)"),
+    ("seeds.max_steps", 9, "seeds.min_steps/max_steps"),
+    ("seeds.families", ["arithmetic", "calculus"], "seeds.families[1]"),
+    ("domains.ood", ["finance", "medical"], "domains.ood must not share"),
+    ("domains.train", ["mathematics", "astrology"], "domains.train[1] is unknown"),
+    ("seeds.source", "jsonl", "seeds.path is required"),
+])
+def test_invalid_values_name_the_key(tmp_path, key, value, message):
+    path = write_params(tmp_path, {key: value})
+    with pytest.raises(ConfigError, match=rf"{path}: params: .*{message.replace('[', '.').replace(']', '.').replace('(', '.').replace(')', '.')}"):
+        load_params(path)
+
+
+def test_unknown_and_missing_keys(tmp_path):
+    path = write_params(tmp_path)
+    text = path.read_text()
+    path.write_text(text.replace("min_alignment:", "min_alignmnet:"))
+    with pytest.raises(ConfigError, match="unknown key gate.min_alignmnet"):
+        load_params(path)
+    path.write_text(text.replace("  test_fraction: 0.2\n", ""))
+    with pytest.raises(ConfigError, match="missing key split.test_fraction"):
+        load_params(path)
+
+
+def test_procedural_teacher_refuses_seeds_without_program(tmp_path):
+    path = write_params(tmp_path, {"seeds.source": "gsm_symbolic"})
+    with pytest.raises(ConfigError, match="teacher.provider.*needs teacher.provider: openai"):
+        load_params(path)
+
+
+def test_openai_without_key_fails_before_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    p = load_params(write_params(tmp_path, {"teacher.provider": "openai"}))
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        require_teacher_credentials(p)

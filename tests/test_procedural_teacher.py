@@ -1,0 +1,75 @@
+import re
+from collections import Counter
+
+import pytest
+
+from conftest import ROOT
+from iga.params import load_params
+from iga.seeds import procedural_seeds
+from iga.teacher import make_teacher
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = load_params(ROOT / "params.yaml", overrides={"seeds.n": 120})
+    teacher = make_teacher(params)
+    seeds = procedural_seeds(params.seeds)
+    return params, teacher, seeds, [teacher.extraction(s) for s in seeds]
+
+
+def _rows(setup, attempt=1):
+    params, teacher, seeds, extractions = setup
+    return [teacher.isomer(s, e, d, attempt) for s, e in zip(seeds, extractions) for d in params.domains.all]
+
+
+def test_deterministic_and_attempts_differ(setup):
+    first = _rows(setup)
+    assert first == _rows(setup)
+    assert [r["flaw"] for r in first] != [r["flaw"] for r in _rows(setup, attempt=2)]
+
+
+def test_flaw_rate_and_kinds(setup):
+    rows = _rows(setup)
+    rate = sum(r["flaw"] is not None for r in rows) / len(rows)
+    assert 0.12 < rate < 0.28  # default teacher.flaw_rate 0.2
+    assert set(Counter(r["flaw"] for r in rows)) >= {None, "dropped_step", "extra_step", "broken_dependency",
+                                                    "wrong_answer"}
+
+
+def test_alignment_measures_structure(setup):
+    rows = _rows(setup)
+    clean = [r for r in rows if r["flaw"] is None]
+    assert all(r["alignment_score"] == 1.0 for r in clean)
+    structural = [r for r in rows if r["flaw"] in ("dropped_step", "extra_step", "broken_dependency")]
+    assert all(r["alignment_score"] < 1.0 for r in structural)
+    assert sum(r["alignment_score"] < 0.85 for r in structural) / len(structural) > 0.8
+    # A wrong answer keeps the structure: the gates cannot see it (realistic label noise).
+    assert all(r["alignment_score"] == 1.0 for r in rows if r["flaw"] == "wrong_answer")
+
+
+def test_cot_has_one_line_per_step(setup):
+    params, teacher, seeds, _ = setup
+    by_seed = {s["seed_id"]: s for s in seeds}
+    for r in _rows(setup):
+        lines = r["cot_solution"].splitlines()
+        assert lines[-1] == f"Answer: {r['answer']}"
+        assert all(re.match(r"Step \d+: ", ln) for ln in lines[:-1])
+        expected = by_seed[r["seed_id"]]["dag"]["step_count"]
+        shift = {None: 0, "wrong_answer": 0, "broken_dependency": 0, "dropped_step": -1, "extra_step": 1}[r["flaw"]]
+        assert r["step_count"] == expected + shift
+        if r["flaw"] is None:
+            assert r["answer"] == by_seed[r["seed_id"]]["answer"]
+
+
+def test_domains_differ_in_vocabulary(setup):
+    params, *_ = setup
+    rows = [r for r in _rows(setup) if r["flaw"] is None]
+    words = {d: Counter(w for r in rows if r["domain"] == d for w in re.findall(r"[a-z]{4,}", r["problem"].lower()))
+             for d in params.domains.all}
+    top = {d: {w for w, _ in c.most_common(30)} for d, c in words.items()}
+    for a in params.domains.all:
+        for b in params.domains.all:
+            if a < b:
+                overlap = len(top[a] & top[b]) / 30
+                assert overlap < 0.5, (a, b, top[a] & top[b])
+    assert {r["domain_kind"] for r in rows if r["domain"] in params.domains.ood} == {"ood"}
