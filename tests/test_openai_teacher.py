@@ -452,9 +452,6 @@ def test_connection_refused_becomes_error_row():
     assert ext["dag"] is None and "connection error" in ext["error"]
 
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, json.JSONDecodeError),
-                   reason="library bug: a 200 reply that is not a chat.completion object escapes _call as "
-                          "AttributeError/JSONDecodeError instead of a TeacherError, so extraction() crashes")
 @pytest.mark.parametrize("raw", ["<html>proxy error</html>", "{oops", "[]"], ids=["html", "broken", "array"])
 def test_non_completion_200_body_becomes_error_row(server, params, raw):
     server.mode = "raw"

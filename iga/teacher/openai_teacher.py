@@ -91,13 +91,22 @@ class OpenAITeacher(Teacher):
             raise TeacherError(f"{name}: request timed out after {self.cfg.timeout_s}s") from None
         except openai.APIConnectionError as e:
             raise TeacherError(f"{name}: connection error: {str(e)[:200]}") from None
-        if not resp.choices:
-            raise TeacherError(f"{name}: response has no choices")
-        choice = resp.choices[0]
-        if choice.finish_reason == "length":
-            raise TeacherError(f"{name}: truncated response (finish_reason=length, max_tokens={self.cfg.max_tokens})")
+        except (openai.APIError, ValueError) as e:  # a 200 whose body is not JSON at all
+            raise TeacherError(f"{name}: unreadable response body: {str(e)[:200]}") from None
         try:
-            data = json.loads(choice.message.content or "")
+            choice = resp.choices[0]
+            finish, content = choice.finish_reason, choice.message.content
+            refusal = getattr(choice.message, "refusal", None)
+        except (AttributeError, IndexError, TypeError):
+            raise TeacherError(f"{name}: the response is not a chat completion") from None
+        if finish == "length":
+            raise TeacherError(f"{name}: truncated response (finish_reason=length, max_tokens={self.cfg.max_tokens})")
+        if refusal:
+            raise TeacherError(f"{name}: the model refused: {str(refusal)[:200]}")
+        if finish == "content_filter":
+            raise TeacherError(f"{name}: the response was withheld by a content filter")
+        try:
+            data = json.loads(content or "")
         except json.JSONDecodeError as e:
             raise TeacherError(f"{name}: invalid JSON in response: {e.msg} at column {e.colno}") from None
         try:

@@ -1,0 +1,45 @@
+"""`dvc repro` in a temporary git repo: runs every stage, then nothing, then only what a param reaches."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import copy_project, write_params
+
+
+def _sh(args, cwd, env):
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def _ran(output):
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def test_dvc_repro(prefect_api_url, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_project(repo)
+    write_params(repo)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    dvc = [sys.executable, "-m", "dvc"]
+    _sh(["git", "init", "-q"], repo, env)
+    _sh(["git", "config", "user.name", "test"], repo, env)
+    _sh(["git", "config", "user.email", "test@example.invalid"], repo, env)
+    _sh(dvc + ["init", "-q"], repo, env)
+
+    assert _ran(_sh(dvc + ["repro"], repo, env)) == ["seeds", "isomers", "gate", "split"]
+    assert (repo / "dvc.lock").is_file() and (repo / "data/split/train.jsonl").is_file()
+    assert _ran(_sh(dvc + ["repro"], repo, env)) == []
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["gate"]["min_alignment"] = 0.6  # low enough to let some flawed instances through
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_sh(dvc + ["repro"], repo, env)) == ["gate", "split"]
+    metrics = _sh(dvc + ["metrics", "show", "--json"], repo, env)
+    assert "kept_fraction" in metrics and "seeds_in_both_sides" in metrics
