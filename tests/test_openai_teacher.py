@@ -91,6 +91,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         name = ((body or {}).get("response_format") or {}).get("json_schema", {}).get("name")
         mode = srv.modes.get(name, srv.mode)
+        with srv.lock:
+            if srv.fail_first.get(name):  # the first N calls of this kind answer bad JSON
+                srv.fail_first[name] -= 1
+                mode = "bad_json"
         if mode == "http500":
             self._send(500, {"error": {"message": "The server had an error while processing your request.",
                                        "type": "server_error", "param": None, "code": None}},
@@ -143,6 +147,7 @@ class FakeOpenAIServer(ThreadingHTTPServer):
         self.mode = "ok"  # default behaviour
         self.modes: dict[str, str] = {}  # per schema name, overrides `mode`
         self.raw_body = ""  # the body of mode "raw"
+        self.fail_first: dict[str, int] = {}  # schema name -> how many first calls fail
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
@@ -459,3 +464,34 @@ def test_non_completion_200_body_becomes_error_row(server, params, raw):
     teacher = make_teacher(params)
     ext = teacher.extraction(SEED)
     assert ext["dag"] is None and ext["error"]
+
+
+def test_data_flow_with_openai_teacher(server, prefect_api_url, tmp_path, monkeypatch):
+    """seeds (JSONL) -> isomers -> gate -> split through Prefect, the teacher being the local server:
+    two broken instantiations are rejected by the gate, regenerated, and every group is kept."""
+    from conftest import write_params
+    from flows.data import data_flow
+    from iga.io import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seeds.jsonl").write_text("".join(
+        json.dumps({"id": f"s{i}", "problem": f"Tom has {i} apples and buys 4 more. How many?", "answer": i + 4}) + "\n"
+        for i in range(3)))
+    write_params(tmp_path, {"seeds.source": "jsonl", "seeds.path": "seeds.jsonl", "teacher.provider": "openai",
+                            "teacher.openai.model": MODEL, "teacher.openai.max_retries": 0,
+                            "teacher.openai.base_url": f"http://127.0.0.1:{server.port}/v1"})
+    server.fail_first = {"instantiate": 2}
+    result = data_flow("params.yaml")
+
+    instances = read_jsonl("data/isomers/instances.jsonl")
+    assert len(instances) == 3 * 6 and sum("invalid JSON" in (r["error"] or "") for r in instances) == 2
+    rejects = read_jsonl("data/gate/rejects.jsonl")
+    assert len(rejects) == 2 and all("teacher_error" in r["reason"] and not r["final"] for r in rejects)
+    assert [r["attempt"] for r in read_jsonl("data/gate/regenerated.jsonl")] == [2, 2]
+    assert result["gate"]["kept_fraction"] == 1.0 and result["gate"]["regenerations"] == 2
+    assert all(r["alignment_score"] == VERIFY["alignment_score"] for r in read_jsonl("data/gate/accepted.jsonl"))
+    names = server.names()
+    assert names.count("extract") == 3 and names.count("annotate") == 3 and names.count("instantiate") == 18 + 2
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SENTINEL_KEY not in path.read_text(errors="ignore"), path
