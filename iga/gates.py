@@ -119,25 +119,18 @@ def regenerable(rejected: dict[Key, list[str]]) -> list[Key]:
     return sorted(k for k, reasons in rejected.items() if set(reasons) - {INCOMPLETE})
 
 
-def final_verdict(rows: list[dict[str, Any]], rejected: dict[Key, list[str]], train_domains: tuple[str, ...]
+def final_verdict(rows: list[dict[str, Any]], rejected: dict[Key, list[str]]
                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(accepted, rejected rows with `reason`) after the last attempt.
 
-    A group with a failing training-domain row is dropped whole; a failing held-out-domain row is
-    dropped alone (it is only ever evaluation data).
+    GX already drops whole groups: when a training-domain row fails, its siblings fail the
+    completeness gate. A failing held-out-domain row goes alone (it is only evaluation data).
     """
-    failing_groups: dict[str, list[str]] = {}
-    for (group, domain), reasons in rejected.items():
-        if domain in train_domains and set(reasons) - {INCOMPLETE}:
-            failing_groups.setdefault(group, []).append(f"{domain}: {', '.join(reasons)}")
     accepted, rejects = [], []
     for row in rows:
-        key = (row["group_id"], row["domain"])
-        if key in rejected:
-            rejects.append(row | {"reason": ", ".join(rejected[key]), "final": True})
-        elif row["group_id"] in failing_groups:
-            rejects.append(row | {"reason": "group_dropped (" + "; ".join(failing_groups[row["group_id"]]) + ")",
-                                  "final": True})
+        reasons = rejected.get((row["group_id"], row["domain"]))
+        if reasons:
+            rejects.append(row | {"reason": ", ".join(reasons), "final": True})
         else:
             accepted.append(row)
     return accepted, rejects

@@ -37,11 +37,11 @@ def validate(gate: Gate, rows: list[Row]) -> dict[Key, list[str]]:
 def write_gate_outputs(rows: list[Row], rejected: dict[Key, list[str]], retried: list[Row],
                        regenerated: list[Row], params: Params) -> dict[str, Any]:
     """Final verdict on the last attempts; rejects = every retried attempt + every final failure."""
-    accepted, final_rejects = final_verdict(rows, rejected, params.domains.train)
+    accepted, final_rejects = final_verdict(rows, rejected)
     rejects = retried + final_rejects
     groups = {r["group_id"] for r in rows}
     kept = {r["group_id"] for r in accepted if r["domain_kind"] == "train"}
-    reasons = Counter(why.split(" (")[0] for r in rejects for why in r["reason"].split(", "))
+    reasons = Counter(why for r in rejects for why in r["reason"].split(", "))
     metrics = {
         "groups_generated": len(groups), "groups_kept": len(kept),
         "kept_fraction": round(len(kept) / max(1, len(groups)), 4),
@@ -52,7 +52,7 @@ def write_gate_outputs(rows: list[Row], rejected: dict[Key, list[str]], retried:
     }
     if params.teacher.provider == "procedural":  # the teacher knows its own mistakes: audit the gates
         metrics["flawed_accepted_by_kind"] = dict(Counter(r["flaw"] for r in accepted if r["flaw"]))
-        own = [r for r in rejects if set(r["reason"].split(", ")) - {INCOMPLETE} and not r["reason"].startswith("group_dropped")]
+        own = [r for r in rejects if set(r["reason"].split(", ")) - {INCOMPLETE}]
         metrics["flawed_attempts_rejected"] = sum(r["flaw"] is not None for r in own)
         metrics["clean_attempts_rejected"] = sum(r["flaw"] is None and r["error"] is None for r in own)
     write_jsonl(ACCEPTED, accepted)

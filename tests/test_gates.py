@@ -52,7 +52,7 @@ def test_missing_domain_is_incomplete(gate):
     rejected = gate.validate(rows)
     assert {k for k in rejected} == {("m", d) for d in TRAIN + OOD if d != "science"}
     assert all(v == ["incomplete_group"] for v in rejected.values())
-    accepted, rejects = final_verdict(rows, rejected, TRAIN)
+    accepted, rejects = final_verdict(rows, rejected)
     assert accepted == [] and {r["reason"] for r in rejects} == {"incomplete_group"}
 
 
@@ -68,7 +68,7 @@ def test_instance_reasons(gate):
 
 def test_final_verdict_drops_group_for_train_failures_only(gate):
     rows = group("t", legal={"alignment": 0.5}) + group("o", finance={"alignment": 0.5})
-    accepted, rejects = final_verdict(rows, gate.validate(rows), TRAIN)
+    accepted, rejects = final_verdict(rows, gate.validate(rows))
     assert {r["group_id"] for r in accepted} == {"o"}
     assert [r["domain"] for r in rejects if r["group_id"] == "o"] == ["finance"]
     assert len([r for r in rejects if r["group_id"] == "t"]) == len(TRAIN + OOD)
