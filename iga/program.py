@@ -218,8 +218,7 @@ def render(program: Program, templates: dict[str, str], unit: str, names: dict[s
     `extra` steps appear in the CoT only (an unsupported extra step, a flaw); the CoT has one
     line per written step and ends with `Answer: ...`.
     """
-    t, vals = templates, program.values()
-    vals.update(Program(program.family, program.givens, program.steps + extra).values())
+    t, vals = templates, replace(program, steps=program.steps + extra).values()
     sentences: list[str] = []
     cot: list[str] = []
     fam = program.family
