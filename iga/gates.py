@@ -130,7 +130,7 @@ def final_verdict(rows: list[dict[str, Any]], rejected: dict[Key, list[str]]
     for row in rows:
         reasons = rejected.get((row["group_id"], row["domain"]))
         if reasons:
-            rejects.append(row | {"reason": ", ".join(reasons), "final": True})
+            rejects.append(reject_row(row, reasons, final=True))
         else:
             accepted.append(row)
     return accepted, rejects
@@ -139,5 +139,14 @@ def final_verdict(rows: list[dict[str, Any]], rejected: dict[Key, list[str]]
 def retried_rows(rows: list[dict[str, Any]], rejected: dict[Key, list[str]], keys: list[Key]) -> list[dict[str, Any]]:
     """The attempts that are about to be regenerated, as reject rows."""
     wanted = set(keys)
-    return [r | {"reason": ", ".join(rejected[(r["group_id"], r["domain"])]), "final": False}
+    return [reject_row(r, rejected[(r["group_id"], r["domain"])], final=False)
             for r in rows if (r["group_id"], r["domain"]) in wanted]
+
+
+def reject_row(row: dict[str, Any], reasons: list[str], final: bool) -> dict[str, Any]:
+    """A row of rejects.jsonl; `final` is False when the attempt was sent back for regeneration."""
+    return row | {"reason": ", ".join(reasons), "final": final}
+
+
+def reasons_of(reject: dict[str, Any]) -> list[str]:
+    return reject["reason"].split(", ")

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from iga.gates import INCOMPLETE, Gate, Key, final_verdict
+from iga.gates import INCOMPLETE, Gate, Key, final_verdict, reasons_of
 from iga.io import read_jsonl, write_json, write_jsonl
 from iga.params import Params
 from tasks.paths import ACCEPTED, DAGS, GATE_DOCS, GATE_METRICS, INSTANCES, REGENERATED, REJECTS, SEEDS
@@ -41,7 +41,7 @@ def write_gate_outputs(rows: list[Row], rejected: dict[Key, list[str]], retried:
     rejects = retried + final_rejects
     groups = {r["group_id"] for r in rows}
     kept = {r["group_id"] for r in accepted if r["domain_kind"] == "train"}
-    reasons = Counter(why for r in rejects for why in r["reason"].split(", "))
+    reasons = Counter(why for r in rejects for why in reasons_of(r))
     metrics = {
         "groups_generated": len(groups), "groups_kept": len(kept),
         "kept_fraction": round(len(kept) / max(1, len(groups)), 4),
@@ -52,7 +52,7 @@ def write_gate_outputs(rows: list[Row], rejected: dict[Key, list[str]], retried:
     }
     if params.teacher.provider == "procedural":  # the teacher knows its own mistakes: audit the gates
         metrics["flawed_accepted_by_kind"] = dict(Counter(r["flaw"] for r in accepted if r["flaw"]))
-        own = [r for r in rejects if set(r["reason"].split(", ")) - {INCOMPLETE}]
+        own = [r for r in rejects if set(reasons_of(r)) - {INCOMPLETE}]
         metrics["flawed_attempts_rejected"] = sum(r["flaw"] is not None for r in own)
         metrics["clean_attempts_rejected"] = sum(r["flaw"] is None and r["error"] is None for r in own)
     write_jsonl(ACCEPTED, accepted)
