@@ -18,3 +18,7 @@ class TeacherError(IGAError):
 
     Never fatal: the attempt becomes a row with `error` set, which the gates reject.
     """
+
+
+class TrainingError(IGAError):
+    """A training run that cannot go on (a NaN or inf loss); the message names the step and checkpoint."""

@@ -77,12 +77,69 @@ class SplitParams:
 
 
 @dataclass(frozen=True)
+class StudentParams:
+    base: str  # smollm2 (embedded GGUF) | tiny (built from a config) | a local path | a hub id
+    dtype: Literal["float32", "bfloat16"]  # of the frozen base weights
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int
+    alpha: int
+    dropout: float  # must be 0 for IGA: the per-domain gradient engine needs the base layer's input
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    methods: tuple[str, ...]  # keys of `methods`: one DVC `train` stage each
+    seed: int
+    steps: int  # optimizer steps
+    groups_per_batch: int  # K isomer groups per micro-batch (K x N sequences)
+    grad_accum: int  # micro-batches per optimizer step
+    max_length: int  # tokens per sequence (prompt + CoT), truncated beyond
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    warmup_frac: float  # linear warm-up fraction, then cosine decay to 0
+    threads: int  # torch.set_num_threads
+    device: Literal["auto", "cpu", "cuda"]  # cuda also turns on bf16 autocast
+    checkpoint_every: int  # steps
+
+
+@dataclass(frozen=True)
+class ERMConfig:
+    """Plain mean token loss over the batch (ERM-SFT)."""
+    kind: Literal["erm"]
+
+
+@dataclass(frozen=True)
+class IGAConfig:
+    """Invariant Gradient Alignment; the variants are explained in iga/core.py."""
+    kind: Literal["iga"]
+    tau: float
+    reconstruction: Literal["factor", "exact"]
+    mask_normalize: Literal["none", "relative"]
+    projection: Literal["svd_factors", "chain_rule", "none"]
+    oversample: int  # randomized SVD oversampling
+    passes: Literal["one", "per_domain"]  # per_domain: N forward+backward passes, the paper's way
+
+
+MethodConfig = ERMConfig | IGAConfig
+
+
+@dataclass(frozen=True)
 class Params:
     seeds: SeedsParams
     domains: DomainsParams
     teacher: TeacherParams
     gate: GateParams
     split: SplitParams
+    student: StudentParams
+    lora: LoraParams
+    train: TrainParams
+    methods: dict[str, MethodConfig]  # named configurations, e.g. iga and iga-paper
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -93,9 +150,21 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"params: {key} must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"params: {key} must be a non-empty mapping, got {value!r}")
+        (_, inner) = typing.get_args(tp)
+        return {str(k): _convert(inner, v, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
+        configs = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if len(configs) > 1:  # a tagged union: `kind` picks the dataclass
+            kinds = {typing.get_args(typing.get_type_hints(c)["kind"])[0]: c for c in configs}
+            kind = value.get("kind") if isinstance(value, dict) else None
+            if kind not in kinds:
+                raise ConfigError(f"params: {key}.kind must be one of {sorted(kinds)}, got {kind!r}")
+            return _build(kinds[kind], value, key)
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
         return _convert(inner, value, key)
     if origin is tuple:
@@ -163,6 +232,24 @@ def _validate(p: Params) -> None:
     _check(g.max_step_diff >= 0, "gate.max_step_diff", "must be >= 0", g.max_step_diff)
     _check(g.max_attempts >= 1, "gate.max_attempts", "must be >= 1", g.max_attempts)
     _check(0.0 < sp.test_fraction < 1.0, "split.test_fraction", "must be in (0, 1)", sp.test_fraction)
+    lo, tr = p.lora, p.train
+    _check(lo.r >= 1, "lora.r", "must be >= 1", lo.r)
+    _check(lo.alpha > 0, "lora.alpha", "must be > 0", lo.alpha)
+    _check(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)", lo.dropout)
+    for i, name in enumerate(tr.methods):
+        _check(name in p.methods, f"train.methods[{i}]", f"must be a key of methods ({sorted(p.methods)})", name)
+    for name, cfg in p.methods.items():
+        if isinstance(cfg, IGAConfig):
+            _check(lo.dropout == 0, "lora.dropout", f"must be 0 for method {name} (IGA's per-domain gradients "
+                   "need the LoRA branch to see the base layer's input)", lo.dropout)
+            _check(cfg.tau >= 0, f"methods.{name}.tau", "must be >= 0", cfg.tau)
+            _check(cfg.oversample >= 0, f"methods.{name}.oversample", "must be >= 0", cfg.oversample)
+    for key in ("steps", "groups_per_batch", "grad_accum", "max_length", "threads", "checkpoint_every"):
+        _check(getattr(tr, key) >= 1, f"train.{key}", "must be >= 1", getattr(tr, key))
+    _check(tr.lr > 0, "train.lr", "must be > 0", tr.lr)
+    _check(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0", tr.weight_decay)
+    _check(0 <= tr.beta1 < 1 and 0 <= tr.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)", (tr.beta1, tr.beta2))
+    _check(0.0 <= tr.warmup_frac < 1.0, "train.warmup_frac", "must be in [0, 1)", tr.warmup_frac)
 
 
 def parse_params(data: Any) -> Params:

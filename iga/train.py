@@ -1,0 +1,119 @@
+"""The training loop, top to bottom: micro-batches → method.step → AdamW with warm-up + cosine,
+checkpoints, resume, and a hard stop on a non-finite loss."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from iga.errors import TrainingError
+from iga.methods import Method
+from iga.params import TrainParams
+from iga.sft import Batch
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "last.pt"
+
+
+def lr_factor(step: int, total: int, warmup_frac: float) -> float:
+    """Linear warm-up over ceil(warmup_frac·total) steps, then cosine decay to 0 at `total`."""
+    warmup = math.ceil(warmup_frac * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic: a kill mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint of this exact run (same fingerprint), or None: a stale one is ignored."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        log.warning("%s belongs to another configuration or data; starting from step 0", path)
+        return None
+    return state
+
+
+def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int], list[Batch]], tp: TrainParams,
+          checkpoint_dir: Path, fingerprint: str, device: torch.device,
+          on_step: Callable[[dict[str, float]], None] | None = None, extra_state: dict[str, Any] | None = None
+          ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Run `tp.steps` optimizer steps, resuming from `checkpoint_dir` when it holds this run's state.
+
+    `micro_batches(step)` gives that step's micro-batches (a pure function of the step, so a resumed
+    run sees the same data). `extra_state` is stored in checkpoints and returned (the caller keeps
+    e.g. its tracking run id there). Returns the per-step history and the extra state.
+    """
+    params = trainable(model)
+    optimizer = torch.optim.AdamW(params.values(), lr=tp.lr, betas=(tp.beta1, tp.beta2), weight_decay=tp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tp.steps, tp.warmup_frac))
+    path = checkpoint_dir / CHECKPOINT
+    history: list[dict[str, float]] = []
+    extra = dict(extra_state or {})
+    start, saved = 0, None  # saved: the step the checkpoint on disk resumes at
+    state = load_checkpoint(path, fingerprint)
+    if state is not None:
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, start, extra = state["history"], state["step"], {**extra, **state["extra"]}
+        saved = start
+        log.info("resumed from %s at step %d", path, start)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    model.train()
+    for step in range(start, tp.steps):
+        t0 = time.perf_counter()
+        totals: dict[str, float] = {}
+        micro = micro_batches(step)
+        for batch in micro:
+            with autocast:
+                metrics = method.step(batch.to(device))
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / len(micro)
+        if not math.isfinite(totals["loss"]):
+            kept = f"the last good checkpoint {path} (step {saved}) is kept" if saved is not None else "no checkpoint yet"
+            raise TrainingError(f"step {step}: the loss is {totals['loss']}; stopping ({kept})")
+        for p in params.values():
+            if p.grad is not None and len(micro) > 1:
+                p.grad /= len(micro)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step, "lr": lr, "step_time_s": time.perf_counter() - t0, **totals}
+        history.append(record)
+        if on_step is not None:
+            on_step(record)
+        if (step + 1) % tp.checkpoint_every == 0 or step + 1 == tp.steps:
+            save_checkpoint(path, {"fingerprint": fingerprint, "step": step + 1, "history": history, "extra": extra,
+                                   "params": {n: p.detach().cpu() for n, p in params.items()},
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+            saved = step + 1
+    return history, extra
