@@ -9,12 +9,12 @@ from iga.errors import IGAError
 from iga.params import PARAMS_FILE, load_params, require_teacher_credentials
 
 
-def main(flow: Callable[..., object], needs_teacher: bool = False) -> None:
+def main(flow: Callable[..., object], needs_teacher: bool = False, **kwargs: object) -> None:
     try:
         params = load_params(PARAMS_FILE)
         if needs_teacher:
             require_teacher_credentials(params)
-        flow(str(PARAMS_FILE))
+        flow(str(PARAMS_FILE), **kwargs)
     except IGAError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -86,9 +86,12 @@ class IGA(Method):
     def __init__(self, model: nn.Module, config: IGAConfig, domains: tuple[str, ...]):
         super().__init__(model, config, domains)
         self.layers = lora_layers(model)
+        self.index = {layer.name: i for i, layer in enumerate(self.layers)}
 
-    def _combine(self, layer: LoraLayer, G: Tensor, generator: torch.Generator, stats: _MaskStats) -> tuple[Tensor, Tensor]:
+    def _combine(self, layer: LoraLayer, G: Tensor, seed: int, stats: _MaskStats) -> tuple[Tensor, Tensor]:
         c = self.config
+        # One generator per (micro-batch, module): the draws do not depend on the order modules arrive in.
+        generator = torch.Generator(device=G.device).manual_seed(seed * 100_003 + self.index[layer.name])
         A, B, s = layer.A.detach().float(), layer.B.detach().float(), layer.scaling
         mean, vhat = normalized_variance(reconstruct(G, A, B, s, c.reconstruction), c.mask_normalize)
         mask = torch.exp(-c.tau * vhat)
@@ -99,7 +102,6 @@ class IGA(Method):
 
     def step(self, batch: Batch) -> dict[str, float]:
         n = batch.n_domains
-        generator = torch.Generator(device=batch.input_ids.device).manual_seed(batch.seed)
         stats, grads = _MaskStats(), {}
         # Autograd fills the LoRA .grad too; IGA's gradient replaces that part, keeping what earlier
         # micro-batches accumulated.
@@ -109,7 +111,7 @@ class IGA(Method):
                 accumulated[param], param.grad = param.grad, None
 
         def combine(layer: LoraLayer, G: Tensor) -> None:
-            grads[layer.name] = self._combine(layer, G, generator, stats)
+            grads[layer.name] = self._combine(layer, G, batch.seed, stats)
 
         if self.config.passes == "one":
             with per_domain_gradients(self.layers, n, combine):

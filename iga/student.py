@@ -75,7 +75,8 @@ def build_tiny(seed: int = 0) -> tuple[Any, Any]:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+                         initializer_range=0.2)  # wide enough logits that LoRA on attention alone can learn
     return LlamaForCausalLM(config), tokenizer
 
 

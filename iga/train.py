@@ -59,6 +59,12 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return state
 
 
+def resume_point(checkpoint_dir: Path, fingerprint: str) -> tuple[int, dict[str, Any]]:
+    """The step this run would resume at (0: from scratch) and the caller's state stored with it."""
+    state = load_checkpoint(checkpoint_dir / CHECKPOINT, fingerprint)
+    return (0, {}) if state is None else (state["step"], state["extra"])
+
+
 def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int], list[Batch]], tp: TrainParams,
           checkpoint_dir: Path, fingerprint: str, device: torch.device,
           on_step: Callable[[dict[str, float]], None] | None = None, extra_state: dict[str, Any] | None = None

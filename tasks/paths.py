@@ -13,3 +13,23 @@ TEST = Path("data/split/test.jsonl")
 OOD = Path("data/split/ood.jsonl")
 GATE_METRICS = Path("metrics/gate.json")
 SPLIT_METRICS = Path("metrics/split.json")
+BASE_MODEL = Path("models/base")
+STUDENT_METRICS = Path("metrics/student.json")
+
+
+def adapter_dir(method: str) -> Path:
+    return Path("models") / method / "adapter"
+
+
+def history_file(method: str) -> Path:
+    """Per-step training metrics, one JSON object per step."""
+    return Path("models") / method / "history.jsonl"
+
+
+def checkpoint_dir(method: str) -> Path:
+    """Outside the DVC outputs on purpose: `dvc repro` deletes outputs before a stage reruns."""
+    return Path("models") / method / "checkpoints"
+
+
+def train_metrics(method: str) -> Path:
+    return Path("metrics/train") / f"{method}.json"

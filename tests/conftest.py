@@ -34,8 +34,9 @@ os.environ.update({
 for var in ("PREFECT_API_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
     os.environ.pop(var, None)
 
-# Small enough for seconds, large enough that every family, flaw and gate shows up.
-TINY = {"seeds.n": 30, "teacher.chunk_size": 8}
+# Small enough for seconds, large enough that every family, flaw and gate shows up; a tiny student.
+TINY = {"seeds.n": 30, "teacher.chunk_size": 8, "student.base": "tiny", "train.steps": 4,
+        "train.max_length": 1024, "train.checkpoint_every": 2}
 
 
 def write_params(directory: Path, overrides: dict | None = None) -> Path:
@@ -69,6 +70,29 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A saved tiny Llama + tokenizer trained offline (iga.student.build_tiny), as a base-model folder."""
+    from iga.student import prepare_base
+
+    path = tmp_path_factory.mktemp("tiny-base")
+    prepare_base("tiny", path)
+    return path
+
+
+def isomer_rows(n_seeds: int, seed: int = 0) -> list[dict]:
+    """Clean isomer rows (procedural teacher, no flaws) for `n_seeds` seeds in the training domains."""
+    from iga.params import load_params
+    from iga.seeds import procedural_seeds
+    from iga.teacher import make_teacher
+
+    params = load_params(ROOT / "params.yaml", overrides={"seeds.n": n_seeds, "seeds.seed": seed,
+                                                          "teacher.flaw_rate": 0.0})
+    teacher = make_teacher(params)
+    return [teacher.isomer(s, teacher.extraction(s), d, 1) for s in procedural_seeds(params.seeds)
+            for d in params.domains.train]
 
 
 def copy_project(dest: Path) -> None:

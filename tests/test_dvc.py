@@ -1,4 +1,5 @@
-"""`dvc repro` in a temporary git repo: runs every stage, then nothing, then only what a param reaches."""
+"""`dvc repro` in a temporary git repo (tiny student): runs every stage, then nothing, then only what a
+param reaches."""
 import os
 import re
 import subprocess
@@ -17,7 +18,7 @@ def _sh(args, cwd, env):
 
 
 def _ran(output):
-    return re.findall(r"Running stage '(\w+)'", output)
+    return re.findall(r"Running stage '([\w@-]+)'", output)
 
 
 def test_dvc_repro(prefect_api_url, tmp_path):
@@ -33,13 +34,21 @@ def test_dvc_repro(prefect_api_url, tmp_path):
     _sh(["git", "config", "user.email", "test@example.invalid"], repo, env)
     _sh(dvc + ["init", "-q"], repo, env)
 
-    assert _ran(_sh(dvc + ["repro"], repo, env)) == ["seeds", "isomers", "gate", "split"]
+    assert _ran(_sh(dvc + ["repro"], repo, env)) == ["seeds", "isomers", "gate", "split", "student", "train@erm",
+                                                     "train@iga"]
     assert (repo / "dvc.lock").is_file() and (repo / "data/split/train.jsonl").is_file()
+    assert (repo / "models/iga/adapter/adapter_model.safetensors").is_file()
     assert _ran(_sh(dvc + ["repro"], repo, env)) == []
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["gate"]["min_alignment"] = 0.6  # low enough to let some flawed instances through
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_sh(dvc + ["repro"], repo, env)) == ["gate", "split"]
+    assert _ran(_sh(dvc + ["repro"], repo, env)) == ["gate", "split", "train@erm", "train@iga"]
     metrics = _sh(dvc + ["metrics", "show", "--json"], repo, env)
-    assert "kept_fraction" in metrics and "seeds_in_both_sides" in metrics
+    assert "kept_fraction" in metrics and "seeds_in_both_sides" in metrics and "loss_last3" in metrics
+
+    # a method's own settings retrain only that method; a new method trains only itself
+    params["methods"]["iga"]["tau"] = 1.0
+    params["train"]["methods"] = ["erm", "iga", "iga-paper"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_sh(dvc + ["repro"], repo, env)) == ["train@iga", "train@iga-paper"]

@@ -1,0 +1,115 @@
+"""Train one method: data and student from disk, iga.train in between, adapter, metrics and MLflow out."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from iga.errors import ConfigError, DataError
+from iga.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from iga.methods import build_method
+from iga.params import Params
+from iga.sft import GroupSampler, collate, encode_groups, isomer_groups
+from iga.student import load_student
+from iga.train import resume_point, train
+from tasks import tracking
+from tasks.paths import BASE_MODEL, TRAIN, adapter_dir, checkpoint_dir, history_file, train_metrics
+
+# Settings that do not change what a run computes; a checkpoint stays valid across them.
+_NOT_IN_FINGERPRINT = ("methods", "threads", "checkpoint_every")
+
+
+def fingerprint(params: Params, method: str, data_md5: str) -> str:
+    """What a checkpoint must match to be resumed: the method, student, LoRA, training settings and data."""
+    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in _NOT_IN_FINGERPRINT}
+    spec = {"method": dataclasses.asdict(params.methods[method]), "student": dataclasses.asdict(params.student),
+            "lora": dataclasses.asdict(params.lora), "train": train, "domains": params.domains.train, "data": data_md5}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def summarize(method: str, history: list[dict[str, float]], extra: dict[str, Any]) -> dict[str, Any]:
+    tail = history[-3:]
+    summary = {"method": method, "steps": len(history), "loss_first": history[0]["loss"],
+               "loss_last3": statistics.fmean(h["loss"] for h in tail),
+               "step_time_s_median": statistics.median(h["step_time_s"] for h in history), **extra}
+    for key in ("mask_mean", "mask_frac_below_half", "vhat_mean", "proj_residual"):
+        if key in history[0]:
+            summary[f"{key}_avg"] = statistics.fmean(h[key] for h in history)
+    return summary
+
+
+@task(cache_policy=NO_CACHE)
+def train_method(params: Params, method: str) -> dict[str, Any]:
+    log = get_run_logger()
+    if method not in params.methods:
+        raise ConfigError(f"params: no method {method!r} under methods (known: {sorted(params.methods)})")
+    tp = params.train
+    torch.set_num_threads(tp.threads)
+    device = resolve_device(tp.device)
+    model, tokenizer = load_student(BASE_MODEL, params.lora, params.student.dtype, seed=tp.seed)
+    model.to(device)
+    groups, too_long = encode_groups(tokenizer, isomer_groups(read_jsonl(TRAIN), params.domains.train, str(TRAIN)),
+                                     tp.max_length)
+    if not groups:
+        raise DataError(f"{TRAIN}: no isomer group fits in train.max_length = {tp.max_length} tokens")
+    sampler = GroupSampler(len(groups), tp.groups_per_batch, tp.seed)
+
+    def micro_batches(step: int):
+        return [collate([groups[i] for i in sampler(j)], tokenizer.pad_token_id, seed=tp.seed * 1_000_003 + j)
+                for j in range(step * tp.grad_accum, (step + 1) * tp.grad_accum)]
+
+    data_md5 = tracking.data_hash(TRAIN)
+    key = fingerprint(params, method, data_md5)
+    ckpt = checkpoint_dir(method)
+    mlflow = tracking.mlflow_module()
+    start, extra = resume_point(ckpt, key)
+    run_id = extra.get("mlflow_run_id")  # a resumed run keeps logging into its MLflow run
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("%s: %d groups (%d longer than %d tokens dropped), %d steps on %s, %d trainable parameters",
+             method, len(groups), too_long, tp.max_length, tp.steps, device, trainable)
+    if start:
+        log.info("%s: resuming from %s at step %d (MLflow run %s)", method, ckpt, start, run_id)
+    with mlflow.start_run(run_id=run_id, run_name=method) as run:
+        if run_id is None:
+            mlflow.log_params({"method": method, **tracking.flat_params("method", params.methods[method]),
+                               **tracking.flat_params("student", params.student),
+                               **tracking.flat_params("lora", params.lora), **tracking.flat_params("train", tp),
+                               "domains.train": ",".join(params.domains.train)})
+            mlflow.set_tags({"git_commit": tracking.git_commit(), "data_md5": data_md5, "method": method,
+                             "method_kind": params.methods[method].kind})
+
+        def on_step(record: dict[str, float]) -> None:
+            mlflow.log_metrics({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+            if record["step"] % 5 == 0 or record["step"] + 1 == tp.steps:
+                log.info("%s step %d/%d: loss %.4f, %.1f s", method, record["step"] + 1, tp.steps, record["loss"],
+                         record["step_time_s"])
+
+        history, _ = train(model, build_method(params.methods[method], model, params.domains.train), micro_batches,
+                           tp, ckpt, key, device, on_step=on_step, extra_state={"mlflow_run_id": run.info.run_id})
+        with atomic_dir(adapter_dir(method)) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        write_jsonl(history_file(method), history)
+        summary = summarize(method, history, {"groups_train": len(groups), "groups_too_long": too_long,
+                                              "trainable_parameters": trainable, "device": device.type,
+                                              "mlflow_run_id": run.info.run_id})
+        write_json(train_metrics(method), summary)
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
+        mlflow.log_artifacts(str(adapter_dir(method)), "adapter")
+    log.info("%s: loss %.4f -> %.4f; adapter -> %s", method, summary["loss_first"], summary["loss_last3"],
+             adapter_dir(method))
+    return summary

@@ -1,0 +1,100 @@
+"""The `student` and `train` flows on real Prefect and MLflow (sqlite in the work dir), tiny student;
+and a `kill -9` of the training process, then a re-run that resumes to the same adapter."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import isomer_rows, write_params
+from iga.io import write_jsonl
+from tasks.paths import TRAIN, adapter_dir, checkpoint_dir, history_file, train_metrics
+
+IGA_METRICS = {"loss", "lr", "step_time_s", "mask_mean", "mask_frac_below_half", "vhat_mean", "proj_residual",
+               "loss/mathematics", "loss/science"}
+
+
+@pytest.fixture
+def trainable_dir(prefect_api_url, workdir):
+    from flows.student import student_flow
+
+    write_jsonl(TRAIN, isomer_rows(10))
+    student_flow("params.yaml")
+    return workdir
+
+
+def test_train_flow_writes_adapters_metrics_and_mlflow_runs(trainable_dir):
+    from mlflow.tracking import MlflowClient
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flows.train import train_flow
+
+    result = train_flow("params.yaml")
+    assert set(result) == {"erm", "iga"}
+    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    for method, summary in result.items():
+        assert (adapter_dir(method) / "adapter_config.json").is_file()
+        assert len(history_file(method).read_text().splitlines()) == 4
+        assert train_metrics(method).is_file() and summary["steps"] == 4
+        run = client.get_run(summary["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.info.run_name == method
+        assert run.data.params["train.lr"] == "0.0002" and run.data.params["lora.r"] == "16"
+        assert run.data.tags["git_commit"] and len(run.data.tags["data_md5"]) == 32
+        assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
+        assert "adapter" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert IGA_METRICS <= set(client.get_run(result["iga"]["mlflow_run_id"]).data.metrics)
+    assert "mask_mean" not in client.get_run(result["erm"]["mlflow_run_id"]).data.metrics
+    # the adapter is a plain peft adapter over the saved base, and it generates
+    base = AutoModelForCausalLM.from_pretrained("models/base")
+    model = PeftModel.from_pretrained(base, str(adapter_dir("iga")))
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir("iga"))
+    ids = tokenizer("Step 1:", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+def test_killed_training_resumes_to_the_same_adapter(trainable_dir, prefect_api_url):
+    """kill -9 mid-run, re-run: it resumes from the last checkpoint and ends where an uninterrupted run ends."""
+    from flows.train import train_flow
+
+    write_params(trainable_dir, {"train.steps": 150, "train.checkpoint_every": 10})
+    train_flow("params.yaml", method="iga")
+    reference = load_file(adapter_dir("iga") / "adapter_model.safetensors")
+    for path in (adapter_dir("iga"), checkpoint_dir("iga")):
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    cmd = [sys.executable, "-m", "flows.train", "iga"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = checkpoint_dir("iga") / "last.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(checkpoint, weights_only=False)
+    assert 0 < killed_at["step"] < 150 and not adapter_dir("iga").exists()
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {checkpoint_dir('iga')} at step {killed_at['step']}" in done.stderr + done.stdout
+    resumed = load_file(adapter_dir("iga") / "adapter_model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+    summary = json.loads(train_metrics("iga").read_text())
+    assert summary["mlflow_run_id"] == killed_at["extra"]["mlflow_run_id"]  # one MLflow run, continued
+
+
+def test_unknown_method_is_one_clear_error(trainable_dir, prefect_api_url):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    proc = subprocess.run([sys.executable, "-m", "flows.train", "nope"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert "error: params: no method 'nope' under methods" in proc.stderr
