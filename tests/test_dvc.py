@@ -45,7 +45,7 @@ def test_dvc_repro(prefect_api_url, tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_sh(dvc + ["repro"], repo, env)) == ["gate", "split", "train@erm", "train@iga"]
     metrics = _sh(dvc + ["metrics", "show", "--json"], repo, env)
-    assert "kept_fraction" in metrics and "seeds_in_both_sides" in metrics and "loss_last3" in metrics
+    assert "kept_fraction" in metrics and "seeds_in_both_sides" in metrics and "loss_last_quarter" in metrics
 
     # a method's own settings retrain only that method; a new method trains only itself
     params["methods"]["iga"]["tau"] = 1.0

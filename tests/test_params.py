@@ -25,6 +25,12 @@ def test_project_params_load():
     ("domains.ood", ["finance", "medical"], "domains.ood must not share"),
     ("domains.train", ["mathematics", "astrology"], "domains.train[1] is unknown"),
     ("seeds.source", "jsonl", "seeds.path is required"),
+    ("train.methods", ["erm", "sgd"], "train.methods[1] must be a key of methods"),
+    ("lora.dropout", 0.1, "lora.dropout must be 0 for method iga"),
+    ("train.steps", 0, "train.steps must be >= 1"),
+    ("methods.erm", {"kind": "adam"}, "methods.erm.kind must be one of"),
+    ("methods.iga", {"kind": "iga", "tau": 0.5}, "missing key methods.iga.reconstruction"),
+    ("methods.iga-paper.projection", "qr", "methods.iga-paper.projection must be one of"),
 ])
 def test_invalid_values_name_the_key(tmp_path, key, value, message):
     path = write_params(tmp_path, {key: value})
