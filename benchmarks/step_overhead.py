@@ -1,6 +1,6 @@
 """IGA's cost over ERM per training step, measured side by side on the same isomer batch and model.
 
-Three steps, alternating, `--reps` times; medians: ERM (plain mean loss), IGA with its per-domain
+Three steps, alternating, `--reps` rounds of timed steps and of memory steps; medians: ERM (plain mean loss), IGA with its per-domain
 gradients from one forward+backward, and IGA with N separate forward+backward passes (the paper's
 way, which pays 2.0–2.2× time and +18 % memory). Memory is the process's peak resident set during
 the step (Linux VmHWM, reset before each step), weights included, as a GPU's peak memory would be.
@@ -16,6 +16,7 @@ import argparse
 import ctypes
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -49,7 +50,7 @@ def reset_peak() -> None:
 def load(model_name: str, params):
     if model_name == "tiny":
         model, tokenizer = build_tiny()
-        base = Path("/tmp/iga-bench-tiny")
+        base = Path(tempfile.mkdtemp(prefix="iga-bench-tiny-"))
         model.save_pretrained(base)
         tokenizer.save_pretrained(base)
     else:
@@ -71,16 +72,19 @@ def measure(model_name: str, groups_per_batch: int, reps: int, params, rows) -> 
                "iga_n_passes": build_method(replace(iga, passes="per_domain"), model, params.domains.train)}
     results: dict[str, dict[str, list[float]]] = {k: {"time": [], "peak": [], "extra": []} for k in STEPS}
     for rep in range(reps + 1):  # the first round warms up allocator and kernels and is not counted
-        for name in STEPS:
+        for name in STEPS:  # timed steps run as in training: no heap trimming before them
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            methods[name].step(batch)
+            if rep:
+                results[name]["time"].append(time.perf_counter() - t0)
+        for name in STEPS:  # memory steps: freed heap returned first, so each peak is the step's own
             model.zero_grad(set_to_none=True)
             reset_peak()
             before = rss_kib("VmRSS")
-            t0 = time.perf_counter()
             methods[name].step(batch)
-            elapsed = time.perf_counter() - t0
             peak = rss_kib("VmHWM")
             if rep:
-                results[name]["time"].append(elapsed)
                 results[name]["peak"].append(peak / 1024)
                 results[name]["extra"].append((peak - before) / 1024)
     tokens = int(batch.attention_mask.sum())

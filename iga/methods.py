@@ -93,12 +93,13 @@ class IGA(Method):
         # One generator per (micro-batch, module): the draws do not depend on the order modules arrive in.
         generator = torch.Generator(device=G.device).manual_seed(seed * 100_003 + self.index[layer.name])
         A, B, s = layer.A.detach().float(), layer.B.detach().float(), layer.scaling
-        mean, vhat = normalized_variance(reconstruct(G, A, B, s, c.reconstruction), c.mask_normalize)
-        mask = torch.exp(-c.tau * vhat)
-        g = mean * mask
-        low = None if c.projection == "none" else randomized_svd(g, A.shape[0], c.oversample, generator=generator)
-        stats.add(mask, vhat, None if low is None else projection_residual(g, low))
-        return lora_factor_grads(g, low, A, B, s, c.projection)
+        with torch.autocast(G.device.type, enabled=False):  # the IGA math runs in fp32 under bf16 autocast
+            mean, vhat = normalized_variance(reconstruct(G, A, B, s, c.reconstruction), c.mask_normalize)
+            mask = torch.exp(-c.tau * vhat)
+            g = mean * mask
+            low = None if c.projection == "none" else randomized_svd(g, A.shape[0], c.oversample, generator=generator)
+            stats.add(mask, vhat, None if low is None else projection_residual(g, low))
+            return lora_factor_grads(g, low, A, B, s, c.projection)
 
     def step(self, batch: Batch) -> dict[str, float]:
         n = batch.n_domains

@@ -73,7 +73,8 @@ def per_domain_gradients(layers: list[LoraLayer], n_domains: int,
                 raise ValueError(f"batch of {x.shape[0]} rows is not {n_domains} domains × K groups")
 
             def grad_hook(delta: Tensor) -> None:
-                with torch.no_grad():
+                # fp32 even under bf16 autocast: these sums feed a variance and an SVD
+                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                     xs = x.reshape(n_domains, -1, x.shape[-1]).float()
                     ds = delta.reshape(n_domains, -1, delta.shape[-1]).float()
                     on_module(layer, n_domains * (ds.transpose(1, 2) @ xs))

@@ -52,7 +52,7 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
     """The checkpoint of this exact run (same fingerprint), or None: a stale one is ignored."""
     if not path.is_file():
         return None
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)  # tensors, numbers and strings only
     if state.get("fingerprint") != fingerprint:
         log.warning("%s belongs to another configuration or data; starting from step 0", path)
         return None
