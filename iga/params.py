@@ -97,7 +97,7 @@ class TrainParams:
     steps: int  # optimizer steps
     groups_per_batch: int  # K isomer groups per micro-batch (K x N sequences)
     grad_accum: int  # micro-batches per optimizer step
-    max_length: int  # tokens per sequence (prompt + CoT), truncated beyond
+    max_length: int  # tokens per sequence (prompt + CoT); a group with a longer member is dropped
     lr: float
     weight_decay: float
     beta1: float
