@@ -1,6 +1,7 @@
 """IGA's cost over ERM per training step, measured side by side on the same isomer batch and model.
 
-Three steps, alternating, `--reps` rounds of timed steps and of memory steps; medians: ERM (plain mean loss), IGA with its per-domain
+Three steps, alternating, `--reps` rounds of timed steps and of memory steps; medians of the
+per-round ratios: ERM (plain mean loss), IGA with its per-domain
 gradients from one forward+backward, and IGA with N separate forward+backward passes (the paper's
 way, which pays 2.0–2.2× time and +18 % memory). Memory is the process's peak resident set during
 the step (Linux VmHWM, reset before each step), weights included, as a GPU's peak memory would be.
@@ -71,14 +72,20 @@ def measure(model_name: str, groups_per_batch: int, reps: int, params, rows) -> 
                "iga": build_method(iga, model, params.domains.train),
                "iga_n_passes": build_method(replace(iga, passes="per_domain"), model, params.domains.train)}
     results: dict[str, dict[str, list[float]]] = {k: {"time": [], "peak": [], "extra": []} for k in STEPS}
-    for rep in range(reps + 1):  # the first round warms up allocator and kernels and is not counted
-        for name in STEPS:  # timed steps run as in training: no heap trimming before them
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            methods[name].step(batch)
-            if rep:
-                results[name]["time"].append(time.perf_counter() - t0)
-        for name in STEPS:  # memory steps: freed heap returned first, so each peak is the step's own
+    # Time rounds first, then memory rounds: a memory probe hands the freed heap back to the OS,
+    # and the next step would pay page faults that a training loop never pays. Within a round each
+    # method takes an untimed step before its timed one, so that, as in training, the timed step
+    # follows a step of the same method (the allocator's state depends on what ran before).
+    for rep in range(reps + 1):  # the first round warms up kernels and is not counted
+        for name in STEPS:
+            for timed in (False, True):
+                model.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                methods[name].step(batch)
+                if rep and timed:
+                    results[name]["time"].append(time.perf_counter() - t0)
+    for rep in range(reps + 1):
+        for name in STEPS:
             model.zero_grad(set_to_none=True)
             reset_peak()
             before = rss_kib("VmRSS")
@@ -87,16 +94,21 @@ def measure(model_name: str, groups_per_batch: int, reps: int, params, rows) -> 
             if rep:
                 results[name]["peak"].append(peak / 1024)
                 results[name]["extra"].append((peak - before) / 1024)
+    # Ratios are taken per round, between steps run back to back, then the median: this VM's speed
+    # drifts by ±20 % over a minute, which a ratio of separate medians would pick up.
+    stats = {k: {m: statistics.median(v) for m, v in results[k].items()} for k in STEPS}
+    for name in STEPS:
+        for m in ("time", "peak"):
+            stats[name][f"{m}_ratio"] = statistics.median(a / b for a, b in zip(results[name][m], results["erm"][m]))
     tokens = int(batch.attention_mask.sum())
     print(f"\n{model_name}: batch {batch.input_ids.shape[0]} x {batch.input_ids.shape[1]} ({tokens} tokens), "
-          f"{reps} reps, medians, {torch.get_num_threads()} threads")
+          f"{reps} rounds, medians, {torch.get_num_threads()} threads")
     print(f"{'step':<14}{'time s':>9}{'peak MiB':>10}{'step MiB':>10}{'time/erm':>10}{'peak/erm':>10}")
-    med = {k: {m: statistics.median(v) for m, v in results[k].items()} for k in STEPS}
     for name in STEPS:
-        m = med[name]
-        print(f"{name:<14}{m['time']:>9.3f}{m['peak']:>10.0f}{m['extra']:>10.0f}"
-              f"{m['time'] / med['erm']['time']:>10.2f}{m['peak'] / med['erm']['peak']:>10.2f}")
-    return med
+        m = stats[name]
+        print(f"{name:<14}{m['time']:>9.3f}{m['peak']:>10.0f}{m['extra']:>10.0f}{m['time_ratio']:>10.2f}"
+              f"{m['peak_ratio']:>10.2f}")
+    return stats
 
 
 def main() -> None:
@@ -104,19 +116,18 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny", "models/base"],
                     help="tiny and/or a saved base model folder (models/base is SmolLM2 after flows.student)")
     ap.add_argument("--groups", type=int, default=1, help="isomer groups per batch (x N domains sequences)")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--train", default="data/split/train.jsonl")
     args = ap.parse_args()
     params = load_params()
     torch.set_num_threads(params.train.threads)
     rows = read_jsonl(args.train)
-    med = {}
+    stats = {}
     for model_name in args.models:
-        med = measure(model_name, args.groups, args.reps, params, rows)
-    print(f"(iga with N passes / erm: time {med['iga_n_passes']['time'] / med['erm']['time']:.2f}, "
-          f"memory {med['iga_n_passes']['peak'] / med['erm']['peak']:.2f})")
-    print(f"iga/erm time ratio: {med['iga']['time'] / med['erm']['time']:.2f}, "
-          f"memory ratio: {med['iga']['peak'] / med['erm']['peak']:.2f}")
+        stats = measure(model_name, args.groups, args.reps, params, rows)
+    n_passes, iga = stats["iga_n_passes"], stats["iga"]
+    print(f"(iga with N passes / erm: time {n_passes['time_ratio']:.2f}, memory {n_passes['peak_ratio']:.2f})")
+    print(f"iga/erm time ratio: {iga['time_ratio']:.2f}, memory ratio: {iga['peak_ratio']:.2f}")
 
 
 if __name__ == "__main__":

@@ -68,19 +68,18 @@ def resume_point(checkpoint_dir: Path, fingerprint: str) -> tuple[int, dict[str,
 def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int], list[Batch]], tp: TrainParams,
           checkpoint_dir: Path, fingerprint: str, device: torch.device,
           on_step: Callable[[dict[str, float]], None] | None = None, extra_state: dict[str, Any] | None = None
-          ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+          ) -> list[dict[str, float]]:
     """Run `tp.steps` optimizer steps, resuming from `checkpoint_dir` when it holds this run's state.
 
     `micro_batches(step)` gives that step's micro-batches (a pure function of the step, so a resumed
-    run sees the same data). `extra_state` is stored in checkpoints and returned (the caller keeps
-    e.g. its tracking run id there). Returns the per-step history and the extra state.
+    run sees the same data). `extra_state` is stored with each checkpoint (the caller keeps e.g. its
+    tracking run id there; `resume_point` reads it back). Returns the per-step history.
     """
     params = trainable(model)
     optimizer = torch.optim.AdamW(params.values(), lr=tp.lr, betas=(tp.beta1, tp.beta2), weight_decay=tp.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tp.steps, tp.warmup_frac))
     path = checkpoint_dir / CHECKPOINT
     history: list[dict[str, float]] = []
-    extra = dict(extra_state or {})
     start, saved = 0, None  # saved: the step the checkpoint on disk resumes at
     state = load_checkpoint(path, fingerprint)
     if state is not None:
@@ -89,7 +88,7 @@ def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int],
                 params[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        history, start, extra = state["history"], state["step"], {**extra, **state["extra"]}
+        history, start = state["history"], state["step"]
         saved = start
         log.info("resumed from %s at step %d", path, start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -118,8 +117,9 @@ def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int],
         if on_step is not None:
             on_step(record)
         if (step + 1) % tp.checkpoint_every == 0 or step + 1 == tp.steps:
-            save_checkpoint(path, {"fingerprint": fingerprint, "step": step + 1, "history": history, "extra": extra,
+            save_checkpoint(path, {"fingerprint": fingerprint, "step": step + 1, "history": history,
+                                   "extra": extra_state or {},
                                    "params": {n: p.detach().cpu() for n, p in params.items()},
                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
             saved = step + 1
-    return history, extra
+    return history

@@ -4,13 +4,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+import iga.core
+import iga.methods
+import iga.pergrad
+import iga.sft
+import iga.student
+import iga.train
 from iga.errors import ConfigError, DataError
 from iga.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from iga.methods import build_method
@@ -23,13 +31,17 @@ from tasks.paths import BASE_MODEL, TRAIN, adapter_dir, checkpoint_dir, history_
 
 # Settings that do not change what a run computes; a checkpoint stays valid across them.
 _NOT_IN_FINGERPRINT = ("methods", "threads", "checkpoint_every")
+_TRAINING_CODE = (iga.core, iga.methods, iga.pergrad, iga.sft, iga.student, iga.train)
 
 
 def fingerprint(params: Params, method: str, data_md5: str) -> str:
-    """What a checkpoint must match to be resumed: the method, student, LoRA, training settings and data."""
+    """What a checkpoint must match to be resumed: the method, student, LoRA, training settings, data,
+    and the training code itself (a resumed run must not mix two versions of the update rule)."""
     train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in _NOT_IN_FINGERPRINT}
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in _TRAINING_CODE)).hexdigest()
     spec = {"method": dataclasses.asdict(params.methods[method]), "student": dataclasses.asdict(params.student),
-            "lora": dataclasses.asdict(params.lora), "train": train, "domains": params.domains.train, "data": data_md5}
+            "lora": dataclasses.asdict(params.lora), "train": train, "domains": params.domains.train, "data": data_md5,
+            "code": code}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -100,7 +112,7 @@ def train_method(params: Params, method: str) -> dict[str, Any]:
                 log.info("%s step %d/%d: loss %.4f, %.1f s", method, record["step"] + 1, tp.steps, record["loss"],
                          record["step_time_s"])
 
-        history, _ = train(model, build_method(params.methods[method], model, params.domains.train), micro_batches,
+        history = train(model, build_method(params.methods[method], model, params.domains.train), micro_batches,
                            tp, ckpt, key, device, on_step=on_step, extra_state={"mlflow_run_id": run.info.run_id})
         with atomic_dir(adapter_dir(method)) as tmp:
             model.save_pretrained(tmp)
@@ -112,6 +124,7 @@ def train_method(params: Params, method: str) -> dict[str, Any]:
         write_json(train_metrics(method), summary)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
         mlflow.log_artifacts(str(adapter_dir(method)), "adapter")
+    shutil.rmtree(ckpt)  # the adapter is written: a later run of this stage starts afresh
     log.info("%s: mean loss %.4f in the first quarter of the run, %.4f in the last; adapter -> %s", method,
              summary["loss_first_quarter"], summary["loss_last_quarter"], adapter_dir(method))
     return summary

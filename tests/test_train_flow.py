@@ -42,6 +42,7 @@ def test_train_flow_writes_adapters_metrics_and_mlflow_runs(trainable_dir):
         assert (adapter_dir(method) / "adapter_config.json").is_file()
         assert len(history_file(method).read_text().splitlines()) == 4
         assert train_metrics(method).is_file() and summary["steps"] == 4
+        assert not checkpoint_dir(method).exists()  # done: the next run of the stage starts afresh
         run = client.get_run(summary["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.info.run_name == method
         assert run.data.params["train.lr"] == "0.0002" and run.data.params["lora.r"] == "16"

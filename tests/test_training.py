@@ -103,7 +103,7 @@ def test_every_method_trains_lora_and_nothing_else(tiny_base, rows, tmp_path, na
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tp = dataclasses.replace(P.train, steps=3, lr=1e-2, checkpoint_every=10)
     method = build_method(CONFIGS[name], model, DOMAINS)
-    history, _ = train(model, method, lambda s: [batches(tokenizer, rows)(s)], tp, tmp_path, "fp", torch.device("cpu"))
+    history = train(model, method, lambda s: [batches(tokenizer, rows)(s)], tp, tmp_path, "fp", torch.device("cpu"))
     assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
     for n, p in model.named_parameters():
         changed = not torch.equal(before[n], p)
@@ -136,7 +136,7 @@ def _run(tiny_base, rows, ckpt, on_step=None, steps=8):
     tp = dataclasses.replace(P.train, steps=steps, lr=1e-2, checkpoint_every=3, grad_accum=2)
     batch_fn = batches(tokenizer, rows)
     method = build_method(P.methods["iga"], model, DOMAINS)
-    history, _ = train(model, method, lambda s: [batch_fn(2 * s), batch_fn(2 * s + 1)], tp, ckpt, "fp",
+    history = train(model, method, lambda s: [batch_fn(2 * s), batch_fn(2 * s + 1)], tp, ckpt, "fp",
                        torch.device("cpu"), on_step=on_step)
     return model, history
 
@@ -162,7 +162,7 @@ def test_a_stale_checkpoint_is_not_resumed(tiny_base, rows, tmp_path):
     _run(tiny_base, rows, tmp_path, steps=3)
     model, tokenizer = student(tiny_base, nonzero_b=False)
     tp = dataclasses.replace(P.train, steps=3, lr=1e-2, checkpoint_every=3)
-    history, _ = train(model, build_method(P.methods["erm"], model, DOMAINS),
+    history = train(model, build_method(P.methods["erm"], model, DOMAINS),
                        lambda s: [batches(tokenizer, rows)(s)], tp, tmp_path, "another-config", torch.device("cpu"))
     assert len(history) == 3  # trained from step 0, not "already done"
 
