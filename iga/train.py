@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from iga.errors import TrainingError
+from iga.io import atomic_file
 from iga.methods import Method
 from iga.params import TrainParams
 from iga.sft import Batch
@@ -37,15 +36,8 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic: a kill mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from iga.methods import build_method
 from iga.params import Params
 from iga.sft import GroupSampler, collate, encode_groups, isomer_groups
 from iga.student import load_student
-from iga.train import resume_point, train
+from iga.train import resume_point, train, trainable
 from tasks import tracking
 from tasks.paths import BASE_MODEL, TRAIN, adapter_dir, checkpoint_dir, history_file, train_metrics
 
@@ -92,9 +92,9 @@ def train_method(params: Params, method: str) -> dict[str, Any]:
     mlflow = tracking.mlflow_module()
     start, extra = resume_point(ckpt, key)
     run_id = extra.get("mlflow_run_id")  # a resumed run keeps logging into its MLflow run
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable = sum(p.numel() for p in trainable(model).values())
     log.info("%s: %d groups (%d longer than %d tokens dropped), %d steps on %s, %d trainable parameters",
-             method, len(groups), too_long, tp.max_length, tp.steps, device, trainable)
+             method, len(groups), too_long, tp.max_length, tp.steps, device, n_trainable)
     if start:
         log.info("%s: resuming from %s at step %d (MLflow run %s)", method, ckpt, start, run_id)
     with mlflow.start_run(run_id=run_id, run_name=method) as run:
@@ -119,7 +119,7 @@ def train_method(params: Params, method: str) -> dict[str, Any]:
             tokenizer.save_pretrained(tmp)
         write_jsonl(history_file(method), history)
         summary = summarize(method, history, {"groups_train": len(groups), "groups_too_long": too_long,
-                                              "trainable_parameters": trainable, "device": device.type,
+                                              "trainable_parameters": n_trainable, "device": device.type,
                                               "mlflow_run_id": run.info.run_id})
         write_json(train_metrics(method), summary)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
