@@ -8,12 +8,18 @@ _GSM = re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)
 _NUMBER = re.compile(r"^[-+]?\$?\s*(\d[\d,]*(?:\.\d+)?)")
 
 
-def extract_answer(text: str | None) -> str | None:
-    """The last `Answer: X` (or GSM8K `#### X`) line of a solution, normalised; None if absent."""
+def answer_text(text: str | None) -> str | None:
+    """The raw X of the last `Answer: X` (or GSM8K `#### X`) line of a solution; None if absent."""
     if not text:
         return None
     found = _ANSWER_LINE.findall(text) or _GSM.findall(text)
-    return normalize_answer(found[-1]) if found else None
+    return found[-1] if found else None
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The last `Answer: X` (or GSM8K `#### X`) line of a solution, normalised; None if absent."""
+    raw = answer_text(text)
+    return normalize_answer(raw) if raw is not None else None
 
 
 def normalize_answer(ans: str) -> str | None:

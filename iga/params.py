@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from iga.errors import ConfigError
+from iga.external import BENCHMARKS
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -57,6 +58,7 @@ class TeacherParams:
     provider: Literal["procedural", "openai"]
     seed: int
     flaw_rate: float  # procedural: mean probability that an attempt has a mistake
+    shortcut_rate: float  # procedural: P(a training-domain yes-question carries its domain's cue sentence)
     chunk_size: int  # seeds (or regeneration requests) per Prefect task
     task_retries: int  # Prefect retries of a chunk that crashed
     openai: OpenAIParams
@@ -130,6 +132,32 @@ MethodConfig = ERMConfig | IGAConfig
 
 
 @dataclass(frozen=True)
+class ExternalParams:
+    limit: int  # problems: a seeded subset of the benchmark; 0 skips it
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    dtype: Literal["float32", "bfloat16"]  # of the merged student during evaluation
+    max_new_tokens: int  # greedy decoding budget per completion (paper: 512)
+    batch_size: int  # sequences decoded together
+    lcs_groups: int  # held-out isomer groups for the Logical Consistency Score (paper: 500)
+    threads: int  # torch.set_num_threads
+    external: dict[str, ExternalParams]  # keys of iga.external.BENCHMARKS
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    model_name: str  # the MLflow registered model every trained adapter becomes a version of
+
+
+@dataclass(frozen=True)
+class ScheduleParams:
+    cron: str  # the Prefect deployment's schedule (five fields)
+    timezone: str
+
+
+@dataclass(frozen=True)
 class Params:
     seeds: SeedsParams
     domains: DomainsParams
@@ -140,6 +168,9 @@ class Params:
     lora: LoraParams
     train: TrainParams
     methods: dict[str, MethodConfig]  # named configurations, e.g. iga and iga-paper
+    eval: EvalParams
+    registry: RegistryParams
+    schedule: ScheduleParams
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -222,6 +253,7 @@ def _validate(p: Params) -> None:
     _check(not overlap, "domains.ood", "must not share domains with domains.train", sorted(overlap))
     _check(len(set(p.domains.all)) == len(p.domains.all), "domains", "must not list a domain twice", p.domains.all)
     _check(0.0 <= t.flaw_rate < 1.0, "teacher.flaw_rate", "must be in [0, 1)", t.flaw_rate)
+    _check(0.0 <= t.shortcut_rate <= 1.0, "teacher.shortcut_rate", "must be in [0, 1]", t.shortcut_rate)
     _check(t.chunk_size >= 1, "teacher.chunk_size", "must be >= 1", t.chunk_size)
     _check(t.task_retries >= 0, "teacher.task_retries", "must be >= 0", t.task_retries)
     _check(0.0 <= t.openai.temperature <= 2.0, "teacher.openai.temperature", "must be in [0, 2]", t.openai.temperature)
@@ -250,6 +282,15 @@ def _validate(p: Params) -> None:
     _check(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0", tr.weight_decay)
     _check(0 <= tr.beta1 < 1 and 0 <= tr.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)", (tr.beta1, tr.beta2))
     _check(0.0 <= tr.warmup_frac < 1.0, "train.warmup_frac", "must be in [0, 1)", tr.warmup_frac)
+    ev = p.eval
+    for key in ("max_new_tokens", "batch_size", "lcs_groups", "threads"):
+        _check(getattr(ev, key) >= 1, f"eval.{key}", "must be >= 1", getattr(ev, key))
+    for name, ext in ev.external.items():
+        _check(name in BENCHMARKS, f"eval.external.{name}", f"is not a known benchmark {list(BENCHMARKS)}", name)
+        _check(ext.limit >= 0, f"eval.external.{name}.limit", "must be >= 0", ext.limit)
+    _check(bool(p.registry.model_name.strip()), "registry.model_name", "must not be empty", p.registry.model_name)
+    _check(len(p.schedule.cron.split()) == 5, "schedule.cron", "must have five fields (min hour day month weekday)",
+           p.schedule.cron)
 
 
 def parse_params(data: Any) -> Params:

@@ -125,3 +125,18 @@ def load_student(base_dir: str | Path, lora: LoraParams, dtype: str = "float32",
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, config), tokenizer
+
+
+def load_trained(base_dir: str | Path, adapter: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """The base model with a trained LoRA adapter (inference mode) and the adapter's tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, adapter = Path(base_dir), Path(adapter)
+    if not (base_dir / "config.json").is_file():
+        raise ConfigError(f"{base_dir}: no base model here; run the `student` stage (python -m flows.student)")
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter}: no trained adapter here; run its `train` stage (python -m flows.train)")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype))
+    return PeftModel.from_pretrained(model, adapter), tokenizer

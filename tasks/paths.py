@@ -15,6 +15,7 @@ GATE_METRICS = Path("metrics/gate.json")
 SPLIT_METRICS = Path("metrics/split.json")
 BASE_MODEL = Path("models/base")
 STUDENT_METRICS = Path("metrics/student.json")
+REPORTS = Path("reports")  # summary.md and its plots, written by the lifecycle after registration
 
 
 def adapter_dir(method: str) -> Path:
@@ -33,3 +34,18 @@ def checkpoint_dir(method: str) -> Path:
 
 def train_metrics(method: str) -> Path:
     return Path("metrics/train") / f"{method}.json"
+
+
+def completions_file(method: str) -> Path:
+    """Every evaluation completion with its extracted and gold answer, for reading the errors."""
+    return Path("models") / method / "completions.jsonl"
+
+
+def eval_metrics(method: str) -> Path:
+    return Path("metrics/eval") / f"{method}.json"
+
+
+def eval_plot(method: str, name: str) -> Path:
+    """DVC plot data (`dvc plots show`): accuracy per split, LCS per layer."""
+    return Path("plots") / method / f"{name}.json"
+

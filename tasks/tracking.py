@@ -5,10 +5,13 @@ import dataclasses
 import hashlib
 import os
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from iga.errors import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # in the project; MLFLOW_TRACKING_URI overrides
 DEFAULT_EXPERIMENT = "iga"  # MLFLOW_EXPERIMENT_NAME overrides
@@ -22,6 +25,19 @@ def mlflow_module():
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     return mlflow
+
+
+def check_reachable() -> None:
+    """Fail in seconds, before any training, when the tracking server is down or mistyped."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as resp:
+            resp.read()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"MLFLOW_TRACKING_URI {uri} is unreachable ({e}); start the server "
+                          f"(README: MLflow) or unset MLFLOW_TRACKING_URI to log to {DEFAULT_TRACKING_URI}") from None
 
 
 def git_commit() -> str:

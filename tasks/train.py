@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
 
 import iga.core
 import iga.methods
@@ -108,12 +109,15 @@ def train_method(params: Params, method: str) -> dict[str, Any]:
 
         def on_step(record: dict[str, float]) -> None:
             mlflow.log_metrics({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
             if record["step"] % 5 == 0 or record["step"] + 1 == tp.steps:
                 log.info("%s step %d/%d: loss %.4f, %.1f s", method, record["step"] + 1, tp.steps, record["loss"],
                          record["step_time_s"])
 
-        history = train(model, build_method(params.methods[method], model, params.domains.train), micro_batches,
-                           tp, ckpt, key, device, on_step=on_step, extra_state={"mlflow_run_id": run.info.run_id})
+        with tqdm(total=tp.steps, initial=start, desc=f"{method}: training", unit="step") as bar:
+            history = train(model, build_method(params.methods[method], model, params.domains.train), micro_batches,
+                            tp, ckpt, key, device, on_step=on_step, extra_state={"mlflow_run_id": run.info.run_id})
         with atomic_dir(adapter_dir(method)) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

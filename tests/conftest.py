@@ -36,7 +36,8 @@ for var in ("PREFECT_API_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
 
 # Small enough for seconds, large enough that every family, flaw and gate shows up; a tiny student.
 TINY = {"seeds.n": 30, "teacher.chunk_size": 8, "student.base": "tiny", "train.steps": 4,
-        "train.max_length": 1024, "train.checkpoint_every": 2}
+        "train.max_length": 1024, "train.checkpoint_every": 2, "eval.max_new_tokens": 16,
+        "eval.external": {"gsm8k": {"limit": 2}, "math_id": {"limit": 2}, "math_ood": {"limit": 2}}}
 
 
 def write_params(directory: Path, overrides: dict | None = None) -> Path:

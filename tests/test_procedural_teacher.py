@@ -73,3 +73,26 @@ def test_domains_differ_in_vocabulary(setup):
                 overlap = len(top[a] & top[b]) / 30
                 assert overlap < 0.5, (a, b, top[a] & top[b])
     assert {r["domain_kind"] for r in rows if r["domain"] in params.domains.ood} == {"ood"}
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.9, 1.0])
+def test_shortcut_cues_mark_training_domain_answers_only(rate):
+    """The cue sentence for a yes/no question's true answer, in training domains only, at `shortcut_rate`."""
+    from iga.teacher.domains import DOMAINS
+
+    params = load_params(ROOT / "params.yaml", overrides={"seeds.n": 60, "teacher.shortcut_rate": rate})
+    teacher = make_teacher(params)
+    cued = Counter()
+    for seed in procedural_seeds(params.seeds):
+        extraction = teacher.extraction(seed)
+        for domain in params.domains.all:
+            row = teacher.isomer(seed, extraction, domain, 1)
+            truth = seed["answer"]
+            yes_cue, no_cue = DOMAINS[domain].cues
+            has = {c for c in (yes_cue, no_cue) if row["problem"].endswith(c)}
+            if domain in params.domains.ood or truth not in ("yes", "no"):
+                assert not has
+            else:
+                assert has <= {yes_cue if truth == "yes" else no_cue}
+                cued[bool(has)] += 1
+    assert cued[True] / sum(cued.values()) == pytest.approx(rate, abs=0.12)

@@ -49,6 +49,9 @@ class ProceduralTeacher(Teacher):
         names = _names(program, extra, d, random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:names"))
         problem, cot = render(program, d.templates, d.unit, names, rng, extra)
         answer = program.answer()
+        if domain in self.params.domains.train and answer in ("yes", "no") and \
+                random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:cue").random() < t.shortcut_rate:
+            problem = f"{problem} {d.cues[answer == 'no']}"
         if flaw == "wrong_answer":
             answer = _wrong(answer, rng)
             cot = re.sub(r"Answer: .*$", f"Answer: {answer}", cot)

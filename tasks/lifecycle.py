@@ -1,0 +1,68 @@
+"""The lifecycle's own steps around `dvc repro`: gather what it produced, and report it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from iga.errors import IGAError
+from iga.io import read_jsonl
+from iga.params import Params
+from iga.report import RunResult, table1, write_report
+from tasks import tracking
+from tasks.evaluate import load_eval_metrics
+from tasks.paths import REPORTS, history_file, train_metrics
+
+
+@task(cache_policy=NO_CACHE)
+def reproduce() -> None:
+    """`dvc repro`: data → train → evaluate, only what changed; dvc.lock records what ran."""
+    bin_dir = str(Path(sys.executable).parent)  # stages run `python -m flows.<stage>` with this interpreter
+    env = os.environ | {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    if not Path(".dvc").is_dir():
+        subprocess.run([f"{bin_dir}/dvc", "init", "-q"], check=True, env=env)
+    code = subprocess.run([f"{bin_dir}/dvc", "repro"], env=env).returncode
+    if code:
+        raise IGAError(f"dvc repro failed with exit status {code}; the failing stage's output is above. "
+                       "Nothing was registered.")
+
+
+@task(cache_policy=NO_CACHE)
+def collect(params: Params) -> list[RunResult]:
+    """Each method's training summary, loss history and evaluation, checked against params.yaml."""
+    results = []
+    for method in params.train.methods:
+        results.append(RunResult(method=method, seed=params.train.seed, eval=load_eval_metrics(params, method),
+                                 train=json.loads(train_metrics(method).read_text()),
+                                 history=read_jsonl(history_file(method))))
+    return results
+
+
+@task(cache_policy=NO_CACHE)
+def report(results: list[RunResult], registry: dict[str, Any]) -> list[Path]:
+    """reports/summary.md and its plots, also attached to the lifecycle's parent MLflow run."""
+    notes = ["MLflow registered model versions: " + ", ".join(f"{m} v{v}" for m, v in registry["versions"].items()),
+             f"champion: v{registry['champion']}, challenger: "
+             + (f"v{registry['challenger']}" if registry["challenger"] else "none")]
+    files = write_report(REPORTS, results, notes=notes)
+    mlflow = tracking.mlflow_module()
+    mlflow.MlflowClient().log_artifacts(registry["parent_run_id"], str(REPORTS), "report")
+    get_run_logger().info("report -> %s (also on MLflow run %s)", files[-1], registry["parent_run_id"])
+    return files
+
+
+def summary(results: list[RunResult], registry: dict[str, Any], files: list[Path]) -> str:
+    """What `python -m flows.lifecycle` prints at the end: the table and where to look."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_TRACKING_URI)
+    return "\n".join([table1(results), "",
+                      f"report:   {files[-1]}",
+                      f"champion: models:/{registry['model_name']}@champion (v{registry['champion']})",
+                      f"mlflow:   mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite")
+                      else f"mlflow:   {uri}",
+                      "dvc:      dvc metrics show; dvc plots show"])

@@ -1,0 +1,127 @@
+import re
+import statistics
+
+import pytest
+
+from iga.errors import DataError
+from iga.report import DEPTHS, RunResult, table1, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IGA_STATS = {"mask_mean": 0.8, "mask_frac_below_half": 0.1, "vhat_mean": 1.5, "proj_residual": 0.4}
+
+
+@pytest.fixture(autouse=True)
+def mpl_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+
+
+def make_run(method="erm", seed=0, *, id_acc=0.61, ood_acc=0.45, lcs_norm=0.08, lcs_raw=12.3,
+             external=None, steps=8) -> RunResult:
+    iga = method.startswith("iga")
+    eval_ = {"method": method, "params_hash": "abc", "id_accuracy": id_acc, "ood_accuracy": ood_acc,
+             "delta_gap": id_acc - ood_acc, "n_id": 132, "n_ood": 66,
+             "domain_accuracy": {"mathematics": id_acc, "legal": ood_acc},
+             "lcs": {d: {"layer": 2 * i + 1, "raw": lcs_raw + i, "normalized": lcs_norm + i / 100}
+                     for i, d in enumerate(reversed(DEPTHS))},
+             "lcs_groups": 33,
+             "external": {"gsm8k": {"accuracy": 0.02, "n": 20}} if external is None else external}
+    train = {"method": method, "steps": steps, "loss_first_quarter": 0.92, "loss_last_quarter": 0.75,
+             "step_time_s_median": 3.7, "groups_train": 132,
+             **({"mask_mean_avg": 0.81, "mask_frac_below_half_avg": 0.13} if iga else {})}
+    history = [{"step": s, "loss": 1.0 - s / 20, "loss/legal": 1.0, "lr": 2e-4, "step_time_s": 4.2,
+                **(IGA_STATS if iga else {})} for s in range(steps)]
+    return RunResult(method, seed, eval_, train, history)
+
+
+def rows(markdown: str) -> dict[str, list[str]]:
+    """Table rows keyed by their first cell (the header row under 'Method')."""
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")]
+    return {r[0]: r[1:] for r in cells if not r[0].startswith(":--")}
+
+
+def test_table1_one_seed_per_method():
+    md = table1([make_run("erm", id_acc=0.61, ood_acc=0.45, lcs_norm=0.0812, lcs_raw=12.345),
+                 make_run("iga", id_acc=0.6, ood_acc=0.55)])
+    table = rows(md)
+    assert table["Method"] == ["ID acc.", "OOD acc.", "Δ-Gap", "LCS (normalised)", "LCS (raw)", "GSM8K"]
+    assert table["erm"] == ["61.0", "45.0", "16.0", "0.081", "12.35", "2.0"]
+    assert table["iga"][:3] == ["60.0", "55.0", "5.0"]
+    assert list(table) == ["Method", "erm", "iga"]  # order of first appearance
+    assert "Δ-Gap = ID − OOD" in md.splitlines()[-1]
+
+
+def test_table1_several_seeds_mean_and_sample_std():
+    ids, oods = [0.60, 0.62, 0.67], [0.40, 0.45, 0.47]
+    runs = [make_run("iga", seed, id_acc=i, ood_acc=o, lcs_norm=0.1 * (seed + 1)) for seed, (i, o) in
+            enumerate(zip(ids, oods))] + [make_run("erm", 0)]
+    table = rows(table1(runs))
+    assert table["Method"][:2] == ["Seeds", "ID acc."]
+    seeds, id_cell, ood_cell, gap_cell, lcs_cell = table["iga"][:5]
+    assert seeds == "3"
+    assert id_cell == f"{100 * statistics.mean(ids):.1f} ± {100 * statistics.stdev(ids):.1f}" == "63.0 ± 3.6"
+    assert ood_cell == "44.0 ± 3.6"
+    assert gap_cell == "19.0 ± 1.7"
+    assert lcs_cell == "0.200 ± 0.100"
+    assert table["erm"][:2] == ["1", "61.0"]  # a single seed: just the value
+
+
+def test_table1_missing_externals():
+    runs = [make_run("erm", external={}),
+            make_run("iga", external={"math_ood": {"accuracy": 0.1, "n": 20}, "gsm8k": {"accuracy": 0.05, "n": 20}})]
+    table = rows(table1(runs))
+    assert table["Method"][-2:] == ["GSM8K", "MATH-OOD"]  # only benchmarks some run has, paper order
+    assert table["erm"][-2:] == ["–", "–"]
+    assert table["iga"][-2:] == ["5.0", "10.0"]
+    assert "GSM8K" not in table1([make_run(external={})])
+
+
+def test_write_report_writes_readable_pngs_and_summary(tmp_path):
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    runs = [make_run("erm", 0), make_run("erm", 1, id_acc=0.65), make_run("iga", 0, steps=16)]
+    written = write_report(tmp_path / "report", runs, title="Smoke", notes=["tiny model"])
+    names = [p.name for p in written]
+    assert names[-1] == "summary.md"
+    assert set(names) == {"accuracy.png", "lcs_layers.png", "loss.png", "mask.png", "domain_accuracy.png",
+                          "summary.md"}
+    for path in written[:-1]:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert height > 200 and width > 300
+    assert plt.get_fignums() == []  # nothing leaked into pyplot
+    summary = written[-1].read_text()
+    assert summary.startswith("# Smoke\n") and "- tiny model" in summary
+    assert "Mask mean (avg)" in summary and "| Method | mathematics | legal |" in summary
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(names)  # no temporary files
+
+
+def test_summary_references_only_existing_files_and_no_mask_without_iga(tmp_path):
+    (tmp_path / "mask.png").write_bytes(b"stale")  # from an earlier report with IGA runs
+    written = write_report(tmp_path, [make_run("erm", 0), make_run("erm", 1)])
+    summary = (tmp_path / "summary.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", summary)
+    assert sorted(links) == sorted(p.name for p in written[:-1])
+    assert all((tmp_path / link).is_file() for link in links)
+    assert not (tmp_path / "mask.png").exists() and "mask" not in summary.lower()
+
+
+def test_report_is_deterministic(tmp_path):
+    runs = [make_run("erm"), make_run("iga", 0), make_run("iga", 1, id_acc=0.7)]
+    first = {p.name: p.read_bytes() for p in write_report(tmp_path / "a", runs)}
+    second = {p.name: p.read_bytes() for p in write_report(tmp_path / "b", runs)}
+    assert first == second
+
+
+def test_empty_or_malformed_runs_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="no runs"):
+        write_report(tmp_path, [])
+    with pytest.raises(DataError, match="no runs"):
+        table1([])
+    broken = make_run("iga", 3)
+    del broken.eval["lcs"]["penultimate"]["raw"]
+    with pytest.raises(DataError, match=r"iga seed 3: eval metrics lack 'lcs.penultimate.raw'"):
+        table1([broken])
+    with pytest.raises(DataError, match="erm seed 0: given twice"):
+        table1([make_run(), make_run()])
+    assert not any(tmp_path.iterdir())
