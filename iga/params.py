@@ -172,6 +172,12 @@ class Params:
     registry: RegistryParams
     schedule: ScheduleParams
 
+    def method(self, name: str) -> MethodConfig:
+        """The named method configuration; an unknown name is a clear error, not a KeyError."""
+        if name not in self.methods:
+            raise ConfigError(f"params: no method {name!r} under methods (known: {sorted(self.methods)})")
+        return self.methods[name]
+
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):

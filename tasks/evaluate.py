@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from iga.answers import extract_answer
-from iga.errors import ConfigError, DataError
+from iga.errors import DataError
 from iga.evaluate import accuracy_report, generate, lcs, score
 from iga.external import extract_prediction, is_correct, load_benchmark
 from iga.io import read_jsonl, write_json, write_jsonl
@@ -53,8 +53,7 @@ def load_eval_metrics(params: Params, method: str) -> dict[str, Any]:
 @task(cache_policy=NO_CACHE)
 def evaluate_method(params: Params, method: str) -> dict[str, Any]:
     log = get_run_logger()
-    if method not in params.methods:
-        raise ConfigError(f"params: no method {method!r} under methods (known: {sorted(params.methods)})")
+    params.method(method)  # an unknown name fails here, before any model is loaded
     ev = params.eval
     torch.set_num_threads(ev.threads)
     model, tokenizer = load_trained(BASE_MODEL, adapter_dir(method), params.student.dtype)

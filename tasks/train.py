@@ -70,8 +70,7 @@ def summarize(method: str, history: list[dict[str, float]], extra: dict[str, Any
 @task(cache_policy=NO_CACHE)
 def train_method(params: Params, method: str) -> dict[str, Any]:
     log = get_run_logger()
-    if method not in params.methods:
-        raise ConfigError(f"params: no method {method!r} under methods (known: {sorted(params.methods)})")
+    params.method(method)  # an unknown name fails here, before any model is loaded
     tp = params.train
     torch.set_num_threads(tp.threads)
     device = resolve_device(tp.device)

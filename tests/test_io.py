@@ -18,3 +18,18 @@ def test_read_errors_name_file_and_line(tmp_path):
     path.write_text('{"a": 1}\n\n[1, 2]\n')
     with pytest.raises(DataError, match=rf"{path}:3: expected a JSON object"):
         read_jsonl(path)
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Temporary files are private (0600); a published output is readable as open() would make it."""
+    import os
+
+    from iga.io import atomic_dir
+
+    umask = os.umask(0)
+    os.umask(umask)
+    write_jsonl(tmp_path / "out.jsonl", [{"a": 1}])
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "w").write_text("x")
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask

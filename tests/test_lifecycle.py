@@ -67,25 +67,30 @@ def test_scheduled_lifecycle_on_real_prefect_and_mlflow_servers(tmp_path):
         assert {"evaluate@erm", "evaluate@iga", "train@erm", "train@iga"} <= set(lock)
         assert (repo / "reports" / "summary.md").is_file() and (repo / "reports" / "accuracy.png").is_file()
 
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI: unset both at the end, or later tests
+        # in this process would log to this (then stopped) server
         mlflow.set_tracking_uri(tracking_uri)
-        client = mlflow.MlflowClient()
-        experiment = client.get_experiment_by_name("iga")
-        parents = client.search_runs([experiment.experiment_id], "tags.lifecycle = 'parent'")
-        assert len(parents) == 2  # one per lifecycle run
-        for parent in parents:
-            children = client.search_runs([experiment.experiment_id],
-                                          f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-            assert sorted(c.data.tags["method"] for c in children) == ["erm", "iga"]
-            assert all("ood_accuracy" in c.data.metrics and "lcs_penultimate" in c.data.metrics for c in children)
-            assert "report/summary.md" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
-        # the second run changed nothing: no new versions, the same champion
-        versions = client.search_model_versions("name = 'iga-student'")
-        assert len(versions) == 2
-        champion = client.get_model_version_by_alias("iga-student", "champion")
-        challenger = client.get_model_version_by_alias("iga-student", "challenger")
-        assert {champion.version, challenger.version} == {v.version for v in versions}
-        assert float(champion.tags["ood_accuracy"]) >= float(challenger.tags["ood_accuracy"])
+        try:
+            client = mlflow.MlflowClient()
+            experiment = client.get_experiment_by_name("iga")
+            parents = client.search_runs([experiment.experiment_id], "tags.lifecycle = 'parent'")
+            assert len(parents) == 2  # one per lifecycle run
+            for parent in parents:
+                children = client.search_runs([experiment.experiment_id],
+                                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+                assert sorted(c.data.tags["method"] for c in children) == ["erm", "iga"]
+                assert all("ood_accuracy" in c.data.metrics and "lcs_penultimate" in c.data.metrics for c in children)
+                assert "report/summary.md" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+            # the second run changed nothing: no new versions, the same champion
+            versions = client.search_model_versions("name = 'iga-student'")
+            assert len(versions) == 2
+            champion = client.get_model_version_by_alias("iga-student", "champion")
+            challenger = client.get_model_version_by_alias("iga-student", "challenger")
+            assert {champion.version, challenger.version} == {v.version for v in versions}
+            assert float(champion.tags["ood_accuracy"]) >= float(challenger.tags["ood_accuracy"])
 
-        student = mlflow.pyfunc.load_model("models:/iga-student@champion")
-        [completion] = student.predict(["Let x be 3. What is x?"])
-        assert isinstance(completion, str) and completion
+            student = mlflow.pyfunc.load_model("models:/iga-student@champion")
+            [completion] = student.predict(["Let x be 3. What is x?"])
+            assert isinstance(completion, str) and completion
+        finally:
+            mlflow.set_tracking_uri(None)

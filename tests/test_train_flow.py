@@ -45,7 +45,7 @@ def test_train_flow_writes_adapters_metrics_and_mlflow_runs(trainable_dir):
         assert not checkpoint_dir(method).exists()  # done: the next run of the stage starts afresh
         run = client.get_run(summary["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.info.run_name == method
-        assert run.data.params["train.lr"] == "0.0002" and run.data.params["lora.r"] == "16"
+        assert run.data.params["train.lr"] == "0.001" and run.data.params["lora.r"] == "16"
         assert run.data.tags["git_commit"] and len(run.data.tags["data_md5"]) == 32
         assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
         assert "adapter" in [a.path for a in client.list_artifacts(run.info.run_id)]
