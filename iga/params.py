@@ -58,7 +58,7 @@ class TeacherParams:
     provider: Literal["procedural", "openai"]
     seed: int
     flaw_rate: float  # procedural: mean probability that an attempt has a mistake
-    shortcut_rate: float  # procedural: P(a training-domain yes-question carries its domain's cue sentence)
+    shortcut_rate: float  # procedural: P(a training-domain yes/no question ends with its domain's cue for its answer)
     chunk_size: int  # seeds (or regeneration requests) per Prefect task
     task_retries: int  # Prefect retries of a chunk that crashed
     openai: OpenAIParams

@@ -61,7 +61,7 @@ def report(results: list[RunResult], registry: dict[str, Any]) -> list[Path]:
 
 def summary(results: list[RunResult], registry: dict[str, Any], files: list[Path]) -> str:
     """What `python -m flows.lifecycle` prints at the end: the table and where to look."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_TRACKING_URI)
+    uri = tracking.tracking_uri()
     return "\n".join([table1(results), "",
                       f"report:   {files[-1]}",
                       f"champion: models:/{registry['model_name']}@champion (v{registry['champion']})",

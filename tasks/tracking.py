@@ -17,19 +17,23 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # in the project; MLFLOW_TRACKING_
 DEFAULT_EXPERIMENT = "iga"  # MLFLOW_EXPERIMENT_NAME overrides
 
 
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
 def mlflow_module():
-    """mlflow, pointed at the tracking URI and experiment (imported here: ~3 s, training stages only)."""
+    """mlflow, pointed at the tracking URI and experiment (imported on first use: ~3 s)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     return mlflow
 
 
 def check_reachable() -> None:
     """Fail in seconds, before any training, when the tracking server is down or mistyped."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
     try:
