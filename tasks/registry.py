@@ -62,18 +62,18 @@ def _flat_metrics(result: RunResult) -> dict[str, float]:
 
 def _version_with(client: Any, name: str, adapter_md5: str) -> Any | None:
     """An existing version of this very adapter: a scheduled re-run that changed nothing adds none."""
-    try:
-        versions = client.search_model_versions(f"name = '{name}' and tag.adapter_md5 = '{adapter_md5}'")
-    except MlflowException:
-        return None
+    versions = client.search_model_versions(f"name = '{name}' and tag.adapter_md5 = '{adapter_md5}'")
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
 def _alias(client: Any, name: str, alias: str) -> Any | None:
+    """The version an alias points at; None when the alias (or the model) does not exist yet."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return None
+        raise
 
 
 def _score(version: Any) -> tuple[float, float]:
@@ -98,8 +98,7 @@ def register(params: Params, results: list[RunResult]) -> dict[str, Any]:
         mlflow.set_tags({"git_commit": commit, "data_md5": data_md5, "lifecycle": "parent"})
         mlflow.log_params({"methods": ",".join(r.method for r in results), "registry.model_name": name})
         for r in results:
-            adapter = adapter_dir(r.method)
-            md5 = _adapter_md5(adapter)
+            md5 = _adapter_md5(adapter_dir(r.method))
             with mlflow.start_run(run_name=f"{r.method}/seed{r.seed}", nested=True):
                 mlflow.log_params({"method": r.method, "seed": r.seed,
                                    **tracking.flat_params("method", params.methods[r.method])})
@@ -108,28 +107,33 @@ def register(params: Params, results: list[RunResult]) -> dict[str, Any]:
                 mlflow.log_metrics(_flat_metrics(r))
                 version = _version_with(client, name, md5)
                 if version is None:
-                    info = mlflow.pyfunc.log_model(
-                        name="student", python_model=Student(), artifacts={"adapter": str(adapter)},
-                        model_config={"base_dir": str(BASE_MODEL.resolve()), "base": params.student.base,
-                                      "dtype": params.eval.dtype, "max_new_tokens": params.eval.max_new_tokens,
-                                      "batch_size": params.eval.batch_size},
-                        pip_requirements=["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2"],
-                        registered_model_name=name)
-                    version = client.get_model_version(name, str(info.registered_model_version))
-                    for key, value in {"method": r.method, "seed": str(r.seed), "adapter_md5": md5,
-                                       "id_accuracy": str(r.eval["id_accuracy"]),
-                                       "ood_accuracy": str(r.eval["ood_accuracy"]),
-                                       "delta_gap": str(r.eval["delta_gap"]), "params_hash": r.eval["params_hash"],
-                                       "git_commit": commit}.items():
-                        client.set_model_version_tag(name, version.version, key, value)
-                    version = client.get_model_version(name, version.version)
+                    version = _new_version(client, params, r, md5, commit)
                     log.info("%s: registered %s version %s", r.method, name, version.version)
                 else:
                     log.info("%s: adapter unchanged, already %s version %s", r.method, name, version.version)
                 versions[r.method] = version
         state = promote(client, name, list(versions.values()))
         mlflow.set_tags({f"registry.{k}": str(v) for k, v in state.items()})
-    return {"parent_run_id": parent.info.run_id, "model_name": name, "versions": {m: v.version for m, v in versions.items()}, **state}
+    return {"parent_run_id": parent.info.run_id, "model_name": name,
+            "versions": {m: v.version for m, v in versions.items()}, **state}
+
+
+def _new_version(client: Any, params: Params, result: RunResult, adapter_md5: str, commit: str) -> Any:
+    """Log the adapter as a pyfunc model in the active run, register it, and tag the version with
+    what promotion compares (and what it came from)."""
+    name = params.registry.model_name
+    info = mlflow.pyfunc.log_model(
+        name="student", python_model=Student(), artifacts={"adapter": str(adapter_dir(result.method))},
+        model_config={"base_dir": str(BASE_MODEL.resolve()), "base": params.student.base, "dtype": params.eval.dtype,
+                      "max_new_tokens": params.eval.max_new_tokens, "batch_size": params.eval.batch_size},
+        pip_requirements=["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2"], registered_model_name=name)
+    version = str(info.registered_model_version)
+    tags = {"method": result.method, "seed": str(result.seed), "adapter_md5": adapter_md5, "git_commit": commit,
+            "params_hash": result.eval["params_hash"],
+            **{k: str(result.eval[k]) for k in ("id_accuracy", "ood_accuracy", "delta_gap")}}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return client.get_model_version(name, version)
 
 
 def promote(client: Any, name: str, candidates: list[Any]) -> dict[str, Any]:
