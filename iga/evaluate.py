@@ -19,7 +19,6 @@ from iga.report import DEPTHS
 from iga.sft import encode, isomer_groups, prompt_text
 
 
-
 def depth_layers(n_layers: int) -> dict[str, int]:
     """Index into `hidden_states` (0 = embeddings, i = output of block i) for each named depth."""
     return {"quarter": n_layers // 4, "half": n_layers // 2, "three_quarters": 3 * n_layers // 4,

@@ -111,13 +111,10 @@ def prepare_base(base: str, out_dir: str | Path) -> dict[str, Any]:
 def load_student(base_dir: str | Path, lora: LoraParams, dtype: str = "float32", seed: int = 0) -> tuple[Any, Any]:
     """The base model with a fresh LoRA adapter (seeded init) and its tokenizer."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise ConfigError(f"{base_dir}: no base model here; run the `student` stage (python -m flows.student)")
+    model = _base_model(base_dir, dtype)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype))
     missing = [m for m in lora.target_modules if not any(n.endswith(f".{m}") for n, _ in model.named_modules())]
     if missing:
         raise ConfigError(f"lora.target_modules: {missing} not found in the model at {base_dir}")
@@ -130,13 +127,20 @@ def load_student(base_dir: str | Path, lora: LoraParams, dtype: str = "float32",
 def load_trained(base_dir: str | Path, adapter: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     """The base model with a trained LoRA adapter (inference mode) and the adapter's tokenizer."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    base_dir, adapter = Path(base_dir), Path(adapter)
-    if not (base_dir / "config.json").is_file():
-        raise ConfigError(f"{base_dir}: no base model here; run the `student` stage (python -m flows.student)")
+    adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter}: no trained adapter here; run its `train` stage (python -m flows.train)")
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype))
-    return PeftModel.from_pretrained(model, adapter), tokenizer
+    model = _base_model(base_dir, dtype)
+    return PeftModel.from_pretrained(model, adapter), AutoTokenizer.from_pretrained(adapter)
+
+
+def _base_model(base_dir: str | Path, dtype: str) -> Any:
+    """The frozen base model written by the `student` stage."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise ConfigError(f"{base_dir}: no base model here; run the `student` stage (python -m flows.student)")
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype))

@@ -43,10 +43,10 @@ def load_eval_metrics(params: Params, method: str) -> dict[str, Any]:
     path = eval_metrics(method)
     if not path.is_file():
         raise DataError(f"{path}: no evaluation of {method}; run `dvc repro evaluate@{method}`")
-    metrics = json.loads(path.read_text())
-    if metrics.get("params_hash") != params_hash(params, method):
+    metrics, expected = json.loads(path.read_text()), params_hash(params, method)
+    if metrics.get("params_hash") != expected:
         raise DataError(f"{path}: computed under another params.yaml (params_hash {metrics.get('params_hash')}, "
-                        f"now {params_hash(params, method)}); run `dvc repro` to re-evaluate")
+                        f"now {expected}); run `dvc repro` to re-evaluate")
     return metrics
 
 
