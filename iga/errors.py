@@ -22,3 +22,14 @@ class TeacherError(IGAError):
 
 class TrainingError(IGAError):
     """A training run that cannot go on (a NaN or inf loss); the message names the step and checkpoint."""
+
+
+class TeacherAbort(IGAError):
+    """The teacher stage must stop: a non-retryable HTTP error (400, 401, 403, 404) or the budget.
+
+    Every response received so far is in the response cache: a re-run pays only for the rest.
+    """
+
+
+class BudgetExceeded(TeacherAbort):
+    """The next call could push the stage's spending past teacher.budget_usd."""

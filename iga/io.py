@@ -17,9 +17,10 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_file(path: str | Path, fsync: bool = True) -> Iterator[BinaryIO]:
     """A binary file to fill, written via a temporary sibling and renamed on success: readers (and a
-    process killed mid-write) never see half a file."""
+    process killed mid-write) never see half a file. `fsync=False` keeps that guarantee against a
+    killed process but not against a power loss, for ~20x cheaper writes (0.03 vs 0.63 ms here)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -28,15 +29,16 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_file(path) as f:
+def atomic_write_text(path: str | Path, text: str, fsync: bool = True) -> None:
+    with atomic_file(path, fsync) as f:
         f.write(text.encode("utf-8"))
 
 

@@ -49,8 +49,16 @@ class OpenAIParams:
     temperature: float
     max_tokens: int
     timeout_s: float
-    max_retries: int  # the openai client's own retries (429/5xx/connection), per call
+    max_retries: int  # retries per call of a 429, 5xx, timeout or connection error (backoff with jitter)
+    backoff_s: float  # the first retry's backoff ceiling; doubles per retry (full jitter), Retry-After wins
+    backoff_max_s: float
     prompt_version: str
+
+
+@dataclass(frozen=True)
+class PriceParams:
+    input: float  # USD per million prompt tokens
+    output: float  # USD per million completion tokens
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,15 @@ class TeacherParams:
     shortcut_rate: float  # procedural: P(a training-domain yes/no question ends with its domain's cue for its answer)
     chunk_size: int  # seeds (or regeneration requests) per Prefect task
     task_retries: int  # Prefect retries of a chunk that crashed
+    mode: Literal["online", "batch"]  # openai: concurrent calls, or the Batch API (half price, hours)
+    concurrency: int  # openai: calls in flight at once, shared by a stage's concurrent chunk tasks
+    rpm: int | None  # openai: requests per minute (None: no limit)
+    tpm: int | None  # openai: tokens per minute, counted as prompt estimate + max_tokens (None: no limit)
+    budget_usd: float | None  # openai: the teacher stages stop before their new spending would exceed it
+    cache_dir: str  # openai: every response received, one file per cache key; not a DVC output
+    batch_poll_s: float  # openai, batch mode: seconds between polls of a batch job
+    batch_discount: float  # price factor of the Batch API
+    prices: dict[str, PriceParams]  # model -> USD per million tokens
     openai: OpenAIParams
 
 
@@ -266,6 +283,20 @@ def _validate(p: Params) -> None:
     _check(t.openai.max_tokens >= 1, "teacher.openai.max_tokens", "must be >= 1", t.openai.max_tokens)
     _check(t.openai.timeout_s > 0, "teacher.openai.timeout_s", "must be > 0", t.openai.timeout_s)
     _check(t.openai.max_retries >= 0, "teacher.openai.max_retries", "must be >= 0", t.openai.max_retries)
+    _check(0 <= t.openai.backoff_s <= t.openai.backoff_max_s, "teacher.openai.backoff_s",
+           "must be in [0, backoff_max_s]", t.openai.backoff_s)
+    _check(t.concurrency >= 1, "teacher.concurrency", "must be >= 1", t.concurrency)
+    for key in ("rpm", "tpm", "budget_usd"):
+        _check(getattr(t, key) is None or getattr(t, key) > 0, f"teacher.{key}", "must be > 0 or null",
+               getattr(t, key))
+    _check(t.batch_poll_s > 0, "teacher.batch_poll_s", "must be > 0", t.batch_poll_s)
+    _check(0 < t.batch_discount <= 1, "teacher.batch_discount", "must be in (0, 1]", t.batch_discount)
+    for model, price in t.prices.items():
+        _check(price.input >= 0 and price.output >= 0, f"teacher.prices.{model}", "must be >= 0",
+               (price.input, price.output))
+    if t.provider == "openai" and t.budget_usd is not None:
+        _check(t.openai.model in t.prices, "teacher.budget_usd", f"needs a price for teacher.openai.model "
+               f"{t.openai.model!r} under teacher.prices", t.budget_usd)
     _check(0.0 <= g.min_alignment <= 1.0, "gate.min_alignment", "must be in [0, 1]", g.min_alignment)
     _check(g.max_step_diff >= 0, "gate.max_step_diff", "must be >= 0", g.max_step_diff)
     _check(g.max_attempts >= 1, "gate.max_attempts", "must be >= 1", g.max_attempts)

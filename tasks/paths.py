@@ -4,6 +4,9 @@ from pathlib import Path
 SEEDS = Path("data/seeds/seeds.jsonl")
 DAGS = Path("data/isomers/dags.jsonl")
 INSTANCES = Path("data/isomers/instances.jsonl")
+ISOMERS_LEDGER = Path("data/isomers/ledger.jsonl")  # one row per teacher call: tokens, cost, cache hit
+GATE_LEDGER = Path("data/gate/ledger.jsonl")
+TEACHER_METRICS = Path("metrics/teacher.json")  # both ledgers' totals
 ACCEPTED = Path("data/gate/accepted.jsonl")
 REJECTS = Path("data/gate/rejects.jsonl")
 REGENERATED = Path("data/gate/regenerated.jsonl")

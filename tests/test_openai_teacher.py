@@ -1,24 +1,21 @@
-"""The `openai` teacher against a real local HTTP server speaking the OpenAI chat-completions API.
+"""The `openai` teacher against a real local HTTP server speaking the OpenAI API (tests/fault_server.py).
 
-The server (http.server in a background thread, 127.0.0.1 only) answers `POST /v1/chat/completions`
-with proper `chat.completion` bodies, picks what to return from `response_format.json_schema.name`,
-and can be switched per test into failure modes (bad JSON, schema mismatch, HTTP 500/401,
-truncation). Every request it receives is recorded for assertions.
+The server answers `POST /v1/chat/completions` with proper `chat.completion` bodies, picks what to
+return from `response_format.json_schema.name`, and can be switched per test into failure modes (bad
+JSON, schema mismatch, HTTP 400/401/404/500, truncation, hangs). Every request is recorded.
 """
 from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fault_server import ANNOTATE, DAG, INSTANCE, VERIFY, FaultServer
 from iga.dag import LogicalDAG
-from iga.errors import ConfigError
+from iga.errors import ConfigError, TeacherAbort
 from iga.params import load_params, require_teacher_credentials
 from iga.teacher import make_teacher
 from iga.teacher.openai_teacher import SCHEMAS, OpenAITeacher
@@ -30,151 +27,11 @@ MODEL = "test-model-iga"
 SEED = {"seed_id": "s1", "problem": "Tom has 3 apples and buys 4 more. How many apples does Tom have now?",
         "answer": "7", "cot_solution": None, "program": None, "dag": None}
 
-DAG = {
-    "nodes": [
-        {"id": "q0", "type": "ENTITY", "description": "an initial quantity"},
-        {"id": "q1", "type": "PROPOSITION", "description": "the quantity after an addition"},
-        {"id": "goal", "type": "GOAL", "description": "the final quantity"},
-    ],
-    "edges": [
-        {"from": "q1", "to": "q0", "label": "REQUIRES"},
-        {"from": "goal", "to": "q1", "label": "REQUIRES"},
-    ],
-    "logical_form": "goal = q0 + a",
-    "step_count": 1,
-}
-INSTANCE = {"problem": "A patient takes 3 mg of a drug and then 4 mg more. What is the total dose in mg?",
-            "cot_solution": "Step 1: 3 + 4 = 7\nAnswer: 7", "answer": "7", "alignment_score": 0.9}
-VERIFY = {"alignment_score": 0.93, "verdict": "PASS", "issues": ""}
-ANNOTATE = {"cot_solution": "Step 1: 3 + 4 = 7\nAnswer: 7", "answer": "7"}
-VALID = {"extract": DAG, "instantiate": INSTANCE, "verify": VERIFY, "annotate": ANNOTATE}
-# Valid JSON, but each misses required fields of its schema.
-MISMATCH = {"extract": {"nodes": []}, "instantiate": {"problem": "only a problem"},
-            "verify": {"alignment_score": 0.5}, "annotate": {"answer": "7"}}
-
-
-# --------------------------------------------------------------------------------------- the server
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: "FakeOpenAIServer"
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep pytest output quiet
-        pass
-
-    def _send(self, status: int, payload: dict[str, Any], extra: dict[str, str] | None = None) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("x-request-id", f"req_{len(self.server.requests)}")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw)
-        except json.JSONDecodeError:
-            body = None
-        srv = self.server
-        with srv.lock:
-            srv.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                 "body": body})
-        if self.path != "/v1/chat/completions":
-            self._send(404, {"error": {"message": f"Unknown path {self.path}", "type": "invalid_request_error",
-                                       "param": None, "code": None}})
-            return
-        name = ((body or {}).get("response_format") or {}).get("json_schema", {}).get("name")
-        mode = srv.modes.get(name, srv.mode)
-        with srv.lock:
-            if srv.fail_first.get(name):  # the first N calls of this kind answer bad JSON
-                srv.fail_first[name] -= 1
-                mode = "bad_json"
-        if mode == "http500":
-            self._send(500, {"error": {"message": "The server had an error while processing your request.",
-                                       "type": "server_error", "param": None, "code": None}},
-                       {"retry-after-ms": "5"})  # keep client retries fast
-            return
-        if mode == "http401":
-            self._send(401, {"error": {"message": "Incorrect API key provided: sk-test-*************2345.",
-                                       "type": "invalid_request_error", "param": None,
-                                       "code": "invalid_api_key"}})
-            return
-        if mode == "raw":  # a 200 that is not a chat.completion (a proxy's page, a broken body)
-            raw = srv.raw_body.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-            return
-        if mode == "slow":  # answers after the client's timeout
-            time.sleep(1.0)
-            mode = "ok"
-        finish_reason = "stop"
-        if mode == "ok":
-            content = json.dumps(VALID[name])
-        elif mode == "bad_json":
-            content = "{not json"
-        elif mode == "schema_mismatch":
-            content = json.dumps(MISMATCH[name])
-        elif mode == "truncated":
-            content = json.dumps(VALID[name])[:20]
-            finish_reason = "length"
-        else:  # pragma: no cover - a typo in a test
-            raise AssertionError(f"unknown mode {mode!r}")
-        self._send(200, {
-            "id": f"chatcmpl-{len(srv.requests)}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
-        })
-
-
-class FakeOpenAIServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.lock = threading.Lock()
-        self.requests: list[dict[str, Any]] = []
-        self.mode = "ok"  # default behaviour
-        self.modes: dict[str, str] = {}  # per schema name, overrides `mode`
-        self.raw_body = ""  # the body of mode "raw"
-        self.fail_first: dict[str, int] = {}  # schema name -> how many first calls fail
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        import sys
-
-        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            return  # the client gave up first (the timeout test): expected
-        super().handle_error(request, client_address)
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def names(self) -> list[str]:
-        return [r["body"]["response_format"]["json_schema"]["name"] for r in self.requests]
-
 
 @pytest.fixture
 def server():
-    srv = FakeOpenAIServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with FaultServer() as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture(autouse=True)
@@ -186,51 +43,66 @@ def hermetic_env(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
-def make_params(port: int, **extra: Any):
-    overrides = {
-        "seeds.source": "jsonl", "seeds.path": "unused.jsonl",
-        "teacher.provider": "openai",
-        "teacher.openai.model": MODEL,
-        "teacher.openai.base_url": f"http://127.0.0.1:{port}/v1",
-        "teacher.openai.max_retries": 0,
-        "teacher.openai.timeout_s": 5,
-    }
+# The openai teacher's settings for a local server: fast retries, no rate limits, a private cache.
+def teacher_overrides(port: int, cache_dir: Path) -> dict[str, Any]:
+    return {"teacher.provider": "openai", "teacher.openai.model": MODEL,
+            "teacher.openai.base_url": f"http://127.0.0.1:{port}/v1", "teacher.openai.max_retries": 0,
+            "teacher.openai.timeout_s": 5, "teacher.openai.backoff_s": 0.01, "teacher.rpm": None,
+            "teacher.tpm": None, "teacher.cache_dir": str(cache_dir),
+            "teacher.prices": {MODEL: {"input": 1.0, "output": 2.0}}}
+
+
+def make_params(port: int, cache_dir: Path, **extra: Any):
+    overrides = {"seeds.source": "jsonl", "seeds.path": "unused.jsonl", **teacher_overrides(port, cache_dir)}
     overrides.update(extra)
     return load_params(PARAMS_YAML, overrides=overrides)
 
 
 @pytest.fixture
-def params(server):
-    return make_params(server.port)
+def params(server, tmp_path):
+    return make_params(server.port, tmp_path / "cache")
+
+
+@pytest.fixture
+def teacher(params):
+    t = make_teacher(params)
+    yield t
+    t.close()
+
+
+def extract(teacher, seed=SEED) -> dict[str, Any]:
+    return teacher.map(teacher.extraction, [seed])[0]
+
+
+def isomer(teacher, ext, domain, attempt=1, seed=SEED) -> dict[str, Any]:
+    return teacher.map(lambda _: teacher.isomer(seed, ext, domain, attempt), [None])[0]
 
 
 def ok_extraction(teacher, server) -> dict[str, Any]:
     """A successful extraction (server in "ok" mode), then the request log is cleared."""
-    mode, modes = server.mode, dict(server.modes)
-    server.mode, server.modes = "ok", {}
-    ext = teacher.extraction(SEED)
+    mode, modes = server.state.mode, dict(server.state.modes)
+    server.state.mode, server.state.modes = "ok", {}
+    ext = extract(teacher)
     assert ext["error"] is None, ext
-    server.mode, server.modes = mode, modes
-    server.requests.clear()
+    server.state.mode, server.state.modes = mode, modes
+    server.state.requests.clear()
     return ext
 
 
 # ---------------------------------------------------------------------------------------- the tests
 
 
-def test_valid_answers_full_round_trip(server, params):
-    teacher = make_teacher(params)
+def test_valid_answers_full_round_trip(server, params, teacher):
     assert isinstance(teacher, OpenAITeacher)
-
-    ext = teacher.extraction(SEED)
+    ext = extract(teacher)
     assert ext["error"] is None
     assert ext["seed_id"] == "s1"
     assert ext["dag"] == DAG
     LogicalDAG.from_dict(ext["dag"], "round trip")  # still a valid DAG
     assert ext["cot_solution"] == ANNOTATE["cot_solution"]  # annotated: the seed had no CoT
-    assert server.names() == ["extract", "annotate"]
+    assert server.state.names() == ["extract", "annotate"]
 
-    row = teacher.isomer(SEED, ext, "medical", 1)
+    row = isomer(teacher, ext, "medical")
     assert row["error"] is None
     assert row["problem"] == INSTANCE["problem"]
     assert row["cot_solution"] == INSTANCE["cot_solution"]
@@ -241,9 +113,9 @@ def test_valid_answers_full_round_trip(server, params):
     assert row["teacher"] == "openai" and row["attempt"] == 1
     assert row["seed_id"] == "s1" and row["group_id"] == "g-s1"
     assert row["flaw"] is None
-    assert server.names() == ["extract", "annotate", "instantiate", "verify"]
+    assert server.state.names() == ["extract", "annotate", "instantiate", "verify"]
 
-    for req in server.requests:
+    for req in server.state.requests:
         assert req["path"] == "/v1/chat/completions"
         assert req["headers"]["authorization"] == f"Bearer {SENTINEL_KEY}"
         body = req["body"]
@@ -261,7 +133,7 @@ def test_valid_answers_full_round_trip(server, params):
         if name in ("extract", "annotate", "instantiate"):
             assert SEED["problem"] in user
 
-    by_name = {r["body"]["response_format"]["json_schema"]["name"]: r["body"] for r in server.requests}
+    by_name = {r["body"]["response_format"]["json_schema"]["name"]: r["body"] for r in server.state.requests}
     inst_prompt = by_name["instantiate"]["messages"][1]["content"]
     assert '"medical"' in inst_prompt
     assert json.dumps(DAG) in inst_prompt
@@ -269,128 +141,153 @@ def test_valid_answers_full_round_trip(server, params):
     assert "Instance domain: medical" in verify_prompt
     assert INSTANCE["problem"] in verify_prompt and INSTANCE["cot_solution"] in verify_prompt
 
+    ledger = teacher.ledger()  # four paid calls, priced from teacher.prices (1 and 2 USD per Mtok)
+    assert [r["kind"] for r in ledger] == ["extract", "annotate", "instantiate", "verify"]
+    assert all(not r["cache_hit"] and r["prompt_tokens"] == 100 and r["completion_tokens"] == 50 for r in ledger)
+    assert all(r["cost_usd"] == pytest.approx(200 / 1e6) and r["latency_s"] > 0 for r in ledger)
 
-def test_seed_with_cot_is_not_annotated_and_ood_domain(server, params):
-    teacher = make_teacher(params)
+
+def test_rerun_answers_from_the_cache(server, params):
+    first = make_teacher(params)
+    ext = extract(first)
+    isomer(first, ext, "legal")
+    first.close()
+    paid = sum(server.state.paid.values())
+    again = make_teacher(params)  # a new process would see the same files
+    assert extract(again) == ext and isomer(again, ext, "legal")["error"] is None
+    again.close()
+    assert sum(server.state.paid.values()) == paid == 4
+    assert all(r["cache_hit"] and r["cost_usd"] == 0 and r["saved_usd"] > 0 for r in again.ledger())
+
+
+def test_seed_with_cot_is_not_annotated_and_ood_domain(server, teacher):
     seed = dict(SEED, cot_solution="Step 1: 3 + 4 = 7\nAnswer: 7")
-    ext = teacher.extraction(seed)
+    ext = extract(teacher, seed)
     assert ext["error"] is None and ext["cot_solution"] == seed["cot_solution"]
-    assert server.names() == ["extract"]
-    row = teacher.isomer(seed, ext, "finance", 1)
+    assert server.state.names() == ["extract"]
+    row = isomer(teacher, ext, "finance", seed=seed)
     assert row["error"] is None and row["domain_kind"] == "ood"
 
 
-def test_attempts_ask_for_different_samples_reruns_for_the_same(server, params):
+def test_attempts_ask_for_different_samples_reruns_for_the_same(server, params, tmp_path):
     teacher = make_teacher(params)
     ext = ok_extraction(teacher, server)
-    teacher.isomer(SEED, ext, "legal", 1)
-    teacher.isomer(SEED, ext, "legal", 2)
-    teacher.isomer(SEED, ext, "legal", 1)
-    seeds = [r["body"]["seed"] for r in server.requests if r["body"]["response_format"]["json_schema"]["name"]
+    isomer(teacher, ext, "legal", 1)
+    isomer(teacher, ext, "legal", 2)
+    teacher.close()
+    fresh = make_teacher(make_params(server.port, tmp_path / "another-cache"))
+    isomer(fresh, ext, "legal", 1)
+    fresh.close()
+    seeds = [r["body"]["seed"] for r in server.state.requests if r["body"]["response_format"]["json_schema"]["name"]
              == "instantiate"]
     assert len(seeds) == 3
     assert seeds[0] != seeds[1] and seeds[0] == seeds[2]
 
 
-def test_bad_json_becomes_error_row(server, params):
-    teacher = make_teacher(params)
+def test_bad_json_is_tried_again_then_becomes_error_row(server, teacher):
     ext = ok_extraction(teacher, server)
-    server.mode = "bad_json"
-    row = teacher.isomer(SEED, ext, "medical", 1)
+    server.state.mode = "bad_json"
+    row = isomer(teacher, ext, "medical")
     assert row["error"] is not None and "invalid JSON" in row["error"]
     assert row["error"].startswith("instantiate:")
     assert row["problem"] is None and row["cot_solution"] is None and row["alignment_score"] is None
     assert row["step_count"] is None
-    assert server.names() == ["instantiate"]  # no verify after a failed instantiate
+    # gate.max_attempts (2) tries with different samples; no verify after a failed instantiate
+    assert server.state.names() == ["instantiate", "instantiate"]
+    seeds = {r["body"]["seed"] for r in server.state.requests}
+    assert len(seeds) == 2
+    assert all("invalid JSON" in r["error"] for r in teacher.ledger() if r["kind"] == "instantiate")
 
 
-def test_bad_json_from_verifier_becomes_error_row(server, params):
-    teacher = make_teacher(params)
+def test_a_rejected_answer_is_replaced_by_the_next_try(server, teacher):
     ext = ok_extraction(teacher, server)
-    server.modes = {"verify": "bad_json"}
-    row = teacher.isomer(SEED, ext, "medical", 1)
+    server.state.fail_first = {"instantiate": 1}
+    row = isomer(teacher, ext, "medical")
+    assert row["error"] is None and row["alignment_score"] == pytest.approx(0.93)
+    assert server.state.names() == ["instantiate", "instantiate", "verify"]
+
+
+def test_bad_json_from_verifier_becomes_error_row(server, teacher):
+    ext = ok_extraction(teacher, server)
+    server.state.modes = {"verify": "bad_json"}
+    row = isomer(teacher, ext, "medical")
     assert row["error"].startswith("verify:") and "invalid JSON" in row["error"]
     assert row["problem"] is None and row["alignment_score"] is None
-    assert server.names() == ["instantiate", "verify"]
+    assert server.state.names() == ["instantiate", "verify", "verify"]
 
 
-def test_schema_mismatch_becomes_error_row(server, params):
-    teacher = make_teacher(params)
+def test_schema_mismatch_becomes_error_row(server, teacher):
     ext = ok_extraction(teacher, server)
-    server.mode = "schema_mismatch"
-    row = teacher.isomer(SEED, ext, "medical", 1)
+    server.state.mode = "schema_mismatch"
+    row = isomer(teacher, ext, "medical")
     assert "schema" in row["error"]
     assert "cot_solution" in row["error"]  # names the missing field
     assert row["problem"] is None
 
 
-def test_schema_mismatch_in_extract(server, params):
-    teacher = make_teacher(params)
-    server.mode = "schema_mismatch"
-    ext = teacher.extraction(SEED)
+def test_schema_mismatch_in_extract(server, teacher):
+    server.state.mode = "schema_mismatch"
+    ext = extract(teacher)
     assert ext["dag"] is None and ext["cot_solution"] is None
     assert ext["error"].startswith("extract:") and "schema" in ext["error"]
 
 
-def test_http500_without_retries(server, params):
-    teacher = make_teacher(params)
+def test_http500_without_retries(server, teacher):
     ext = ok_extraction(teacher, server)
-    server.mode = "http500"
-    t0 = time.monotonic()
-    row = teacher.isomer(SEED, ext, "medical", 1)
-    assert "HTTP 500" in row["error"]
+    server.state.mode = "http500"
+    row = isomer(teacher, ext, "medical")
+    assert "HTTP 500" in row["error"] and "after 1 tries" in row["error"]
     assert row["problem"] is None
-    assert len(server.requests) == 1
-    assert time.monotonic() - t0 < 2
+    assert len(server.state.requests) == 1
+    assert teacher.ledger()[-1]["error"] == row["error"]
 
 
-def test_http500_is_retried_by_the_client(server):
-    params = make_params(server.port, **{"teacher.openai.max_retries": 2})
-    teacher = make_teacher(params)
+def test_http500_is_retried(server, tmp_path):
+    teacher = make_teacher(make_params(server.port, tmp_path, **{"teacher.openai.max_retries": 2}))
     ext = ok_extraction(teacher, server)
-    server.mode = "http500"
-    row = teacher.isomer(SEED, ext, "medical", 1)
-    assert "HTTP 500" in row["error"]
-    assert len(server.requests) == 3  # the first try and two retries
-    assert server.names() == ["instantiate"] * 3
+    server.state.mode = "http500"
+    row = isomer(teacher, ext, "medical")
+    teacher.close()
+    assert "HTTP 500" in row["error"] and "after 3 tries" in row["error"]
+    assert server.state.names() == ["instantiate"] * 3  # the first try and two retries
+    assert teacher.ledger()[-1]["retries"] == 2
 
 
-def test_http401_is_not_retried(server):
-    params = make_params(server.port, **{"teacher.openai.max_retries": 2})
-    teacher = make_teacher(params)
-    server.mode = "http401"
-    ext = teacher.extraction(SEED)
-    assert "HTTP 401" in ext["error"] and ext["dag"] is None
-    assert len(server.requests) == 1
+@pytest.mark.parametrize("mode,status", [("http400", 400), ("http401", 401), ("http404", 404)])
+def test_client_errors_stop_the_stage_without_retries(server, tmp_path, mode, status):
+    teacher = make_teacher(make_params(server.port, tmp_path, **{"teacher.openai.max_retries": 3}))
+    server.state.mode = mode
+    with pytest.raises(TeacherAbort, match=f"HTTP {status} from http://127.0.0.1:{server.port}/v1 for model "
+                                           f"'{MODEL}'.*not retried"):
+        teacher.map(teacher.extraction, [SEED, dict(SEED, seed_id="s2", problem="Another problem?")])
+    teacher.close()
+    assert len(server.state.requests) <= 2  # one try per call in flight, then nothing more
 
 
-def test_truncated_response_becomes_error_row(server, params):
-    teacher = make_teacher(params)
+def test_truncated_response_becomes_error_row(server, teacher):
     ext = ok_extraction(teacher, server)
-    server.mode = "truncated"
-    row = teacher.isomer(SEED, ext, "medical", 1)
+    server.state.mode = "truncated"
+    row = isomer(teacher, ext, "medical")
     assert "truncated" in row["error"]
     assert row["problem"] is None
 
 
-def test_failed_extraction_gives_no_dag_isomer(server, params):
-    teacher = make_teacher(params)
-    server.modes = {"extract": "bad_json"}
-    ext = teacher.extraction(SEED)
+def test_failed_extraction_gives_no_dag_isomer(server, teacher):
+    server.state.modes = {"extract": "bad_json"}
+    ext = extract(teacher)
     assert ext["dag"] is None and ext["cot_solution"] is None
     assert "invalid JSON" in ext["error"]
-    assert server.names() == ["extract"]  # no annotation after a failed extraction
-    row = teacher.isomer(SEED, ext, "medical", 1)
+    assert server.state.names() == ["extract", "extract"]  # no annotation after a failed extraction
+    row = isomer(teacher, ext, "medical")
     assert "no DAG" in row["error"]
     assert ext["error"] in row["error"]
     assert row["problem"] is None
-    assert server.names() == ["extract"]  # the isomer made no request
+    assert server.state.names() == ["extract", "extract"]  # the isomer made no request
 
 
-def test_failed_annotation_fails_the_extraction(server, params):
-    teacher = make_teacher(params)
-    server.modes = {"annotate": "truncated"}
-    ext = teacher.extraction(SEED)
+def test_failed_annotation_fails_the_extraction(server, teacher):
+    server.state.modes = {"annotate": "truncated"}
+    ext = extract(teacher)
     assert ext["dag"] is None  # the row is all-or-nothing
     assert ext["error"].startswith("annotate:") and "truncated" in ext["error"]
 
@@ -406,92 +303,123 @@ def test_missing_key_is_a_config_error(server, params, monkeypatch):
         make_teacher(params)
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
         require_teacher_credentials(params)
-    assert server.requests == []
+    assert server.state.requests == []
 
 
 def test_credentials_present_passes_the_check(server, params):
     require_teacher_credentials(params)  # does not raise
-    assert server.requests == []
+    assert server.state.requests == []
 
 
 def test_key_never_leaks_into_rows_errors_or_logs(server, params, caplog):
     caplog.set_level(logging.DEBUG)
     teacher = make_teacher(params)
     rows: list[dict[str, Any]] = []
-    ext = teacher.extraction(SEED)
-    rows += [ext, teacher.isomer(SEED, ext, "medical", 1)]
-    for mode in ("bad_json", "schema_mismatch", "http500", "http401", "truncated"):
-        server.mode = mode
-        failed = teacher.extraction(SEED)
-        rows += [failed, teacher.isomer(SEED, failed, "legal", 1), teacher.isomer(SEED, ext, "legal", 2)]
-    errors = [r["error"] for r in rows if r["error"]]
-    assert len(errors) == 15  # every failure mode produced error rows
+    ext = extract(teacher)
+    rows += [ext, isomer(teacher, ext, "medical")]
+    for i, mode in enumerate(("bad_json", "schema_mismatch", "http500", "truncated")):
+        server.state.mode = mode
+        failed = extract(teacher, dict(SEED, problem=f"{SEED['problem']} ({mode})"))
+        rows += [failed, isomer(teacher, failed, "legal"), isomer(teacher, ext, "legal", attempt=2 + i)]
+    server.state.mode = "http401"
+    with pytest.raises(TeacherAbort) as abort:
+        extract(teacher, dict(SEED, problem="A new problem?"))
+    teacher.close()
+    errors = [r["error"] for r in rows if r["error"]] + [str(abort.value)]
+    assert len(errors) == 13  # every failure mode produced error rows, and 401 stopped the stage
     # The key did go over the wire (so its absence below means something) ...
-    assert all(r["headers"]["authorization"] == f"Bearer {SENTINEL_KEY}" for r in server.requests)
+    assert all(r["headers"]["authorization"] == f"Bearer {SENTINEL_KEY}" for r in server.state.requests)
     assert any(r.name.startswith("openai") for r in caplog.records)  # the client did log (at DEBUG)
-    # ... but never into the rows, their errors, or the logs.
-    assert SENTINEL_KEY not in json.dumps(rows)
+    # ... but never into the rows, their errors, the ledger or the logs.
+    assert SENTINEL_KEY not in json.dumps(rows) + json.dumps(teacher.ledger())
     assert not any(SENTINEL_KEY in e for e in errors)
     assert SENTINEL_KEY not in caplog.text
     assert "SENTINEL" not in caplog.text
 
 
-def test_timeout_becomes_error_row(server):
-    params = make_params(server.port, **{"teacher.openai.timeout_s": 0.3})
-    teacher = make_teacher(params)
+def test_timeout_becomes_error_row(server, tmp_path):
+    server.state.hang_s = 1.0
+    teacher = make_teacher(make_params(server.port, tmp_path, **{"teacher.openai.timeout_s": 0.3}))
     ext = ok_extraction(teacher, server)
-    server.mode = "slow"
-    row = teacher.isomer(SEED, ext, "medical", 1)
+    server.state.mode = "slow"
+    row = isomer(teacher, ext, "medical")
+    teacher.close()
     assert "timed out after 0.3s" in row["error"]
     assert row["problem"] is None
 
 
-def test_connection_refused_becomes_error_row():
+def test_connection_refused_becomes_error_row(tmp_path):
     import socket
 
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    teacher = make_teacher(make_params(port))
-    ext = teacher.extraction(SEED)
+    teacher = make_teacher(make_params(port, tmp_path))
+    ext = extract(teacher)
+    teacher.close()
     assert ext["dag"] is None and "connection error" in ext["error"]
 
 
 @pytest.mark.parametrize("raw", ["<html>proxy error</html>", "{oops", "[]"], ids=["html", "broken", "array"])
-def test_non_completion_200_body_becomes_error_row(server, params, raw):
-    server.mode = "raw"
-    server.raw_body = raw
-    teacher = make_teacher(params)
-    ext = teacher.extraction(SEED)
-    assert ext["dag"] is None and ext["error"]
+def test_non_completion_200_body_becomes_error_row(server, teacher, raw):
+    server.state.mode = "raw"
+    server.state.raw_body = raw
+    ext = extract(teacher)
+    assert ext["dag"] is None and "not a chat completion" in ext["error"]
+
+
+def fail_twice(item: str):
+    """A responder whose first two instantiations of `item` (domain and seed problem) are bad JSON:
+    both tries of attempt 1 fail, so the gate must regenerate the instance."""
+    seen: dict[str, int] = {}
+
+    def respond(name: str, body: dict[str, Any]) -> Any:
+        from fault_server import VALID
+
+        user = body["messages"][1]["content"]
+        if name == "instantiate" and all(part in user for part in item):
+            seen[item] = seen.get(item, 0) + 1
+            if seen[item] <= 2:
+                return "{not json"
+        return VALID[name]
+
+    return respond
 
 
 def test_data_flow_with_openai_teacher(server, prefect_api_url, tmp_path, monkeypatch):
     """seeds (JSONL) -> isomers -> gate -> split through Prefect, the teacher being the local server:
-    two broken instantiations are rejected by the gate, regenerated, and every group is kept."""
+    one instance fails both tries, is rejected by the gate, regenerated, and every group is kept."""
     from conftest import write_params
     from flows.data import data_flow
     from iga.io import read_jsonl
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     (tmp_path / "seeds.jsonl").write_text("".join(
         json.dumps({"id": f"s{i}", "problem": f"Tom has {i} apples and buys 4 more. How many?", "answer": i + 4}) + "\n"
         for i in range(3)))
-    write_params(tmp_path, {"seeds.source": "jsonl", "seeds.path": "seeds.jsonl", "teacher.provider": "openai",
-                            "teacher.openai.model": MODEL, "teacher.openai.max_retries": 0,
-                            "teacher.openai.base_url": f"http://127.0.0.1:{server.port}/v1"})
-    server.fail_first = {"instantiate": 2}
+    write_params(tmp_path, {"seeds.source": "jsonl", "seeds.path": "seeds.jsonl",
+                            **teacher_overrides(server.port, tmp_path / ".cache" / "teacher")})
+    server.state.responder = fail_twice(('"legal"', "Tom has 1 apples"))
     result = data_flow("params.yaml")
 
     instances = read_jsonl("data/isomers/instances.jsonl")
-    assert len(instances) == 3 * 6 and sum("invalid JSON" in (r["error"] or "") for r in instances) == 2
+    assert len(instances) == 3 * 6 and sum("invalid JSON" in (r["error"] or "") for r in instances) == 1
     rejects = read_jsonl("data/gate/rejects.jsonl")
-    assert len(rejects) == 2 and all("teacher_error" in r["reason"] and not r["final"] for r in rejects)
-    assert [r["attempt"] for r in read_jsonl("data/gate/regenerated.jsonl")] == [2, 2]
-    assert result["gate"]["kept_fraction"] == 1.0 and result["gate"]["regenerations"] == 2
+    assert len(rejects) == 1 and all("teacher_error" in r["reason"] and not r["final"] for r in rejects)
+    assert [r["attempt"] for r in read_jsonl("data/gate/regenerated.jsonl")] == [2]
+    assert result["gate"]["kept_fraction"] == 1.0 and result["gate"]["regenerations"] == 1
     assert all(r["alignment_score"] == VERIFY["alignment_score"] for r in read_jsonl("data/gate/accepted.jsonl"))
-    names = server.names()
+    names = server.state.names()
     assert names.count("extract") == 3 and names.count("annotate") == 3 and names.count("instantiate") == 18 + 2
+    metrics = json.loads((tmp_path / "metrics" / "teacher.json").read_text())
+    # The server's instance is the same for every seed, so the verify requests of one domain are identical
+    # across seeds: one request, one payment, per domain.
+    assert metrics["isomers"]["paid_calls"] == 3 + 3 + 18 + 1 + 6
+    assert metrics["gate"]["paid_calls"] == 1 and metrics["gate"]["cache_hits"] == 1  # its verify is cached
+    assert max(server.state.paid.values()) == 1  # nothing paid twice
+    assert metrics["total"]["cost_usd"] == pytest.approx(metrics["total"]["paid_calls"] * 200 / 1e6)
+    assert metrics["isomers"]["rejected_answers"] == 2
     for path in tmp_path.rglob("*"):
         if path.is_file():
-            assert SENTINEL_KEY not in path.read_text(errors="ignore"), path
+            assert SENTINEL_KEY.encode() not in path.read_bytes(), path

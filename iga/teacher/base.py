@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from iga.answers import count_steps
 from iga.dag import LogicalDAG
 from iga.errors import DataError, TeacherError
 from iga.params import Params
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Teacher(ABC):
@@ -15,6 +18,17 @@ class Teacher(ABC):
 
     def __init__(self, params: Params):
         self.params = params
+
+    def map(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
+        """fn (extraction, isomer) over a chunk; a remote teacher makes the chunk's calls concurrently."""
+        return [fn(item) for item in items]
+
+    def close(self) -> None:
+        """Release connections and threads."""
+
+    def ledger(self) -> list[dict[str, Any]]:
+        """One row per call this teacher made or answered from its cache (iga.teacher.ledger)."""
+        return []
 
     @abstractmethod
     def extract(self, seed: dict[str, Any]) -> dict[str, Any]:
@@ -63,11 +77,12 @@ class Teacher(ABC):
         return row
 
 
-def make_teacher(params: Params) -> Teacher:
+def make_teacher(params: Params, spent_usd: float = 0.0) -> Teacher:
+    """The configured teacher; `spent_usd` (earlier teacher stages of this run) counts against the budget."""
     if params.teacher.provider == "procedural":
         from iga.teacher.procedural import ProceduralTeacher
 
         return ProceduralTeacher(params)
     from iga.teacher.openai_teacher import OpenAITeacher
 
-    return OpenAITeacher(params)
+    return OpenAITeacher(params, spent_usd)

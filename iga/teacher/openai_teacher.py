@@ -2,7 +2,9 @@
 
 Three prompts from the paper (extract, instantiate, verify) plus CoT annotation of seeds that
 come without a solution. Every response is constrained by a JSON schema and validated again on
-our side: a server that ignores `response_format` gets a failed attempt, not a crash.
+our side: a server that ignores `response_format` gets a failed attempt, not a crash. A rejected
+answer (bad JSON, schema mismatch, truncation) is tried again with a new sample, up to
+gate.max_attempts tries. The calls themselves go through `iga.teacher.engine`.
 """
 from __future__ import annotations
 
@@ -11,15 +13,19 @@ import json
 import os
 from importlib import resources
 from string import Template
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jsonschema
-import openai
 
 from iga.dag import EDGE_LABELS, NODE_TYPES, LogicalDAG
 from iga.errors import ConfigError, DataError, TeacherError
 from iga.params import Params
 from iga.teacher.base import Teacher
+from iga.teacher.cache import cache_key
+from iga.teacher.engine import Call, CallEngine, Pending
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _STR = {"type": "string"}
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -60,45 +66,80 @@ def load_prompt(version: str, name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def request(params: Params, prompts: dict[str, str], name: str, attempt: int, tries: int, **variables: str) -> Call:
+    """The chat.completions request of prompt `name` with its variables, and its cache key."""
+    cfg = params.teacher.openai
+    messages = [{"role": "system", "content": prompts["system"]},
+                {"role": "user", "content": Template(prompts[name]).substitute(variables)}]
+    # A per-try sampling seed: a new try asks for a different sample, a re-run for the same one.
+    digest = hashlib.sha256(json.dumps([messages, attempt, tries, params.teacher.seed]).encode()).digest()
+    body = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
+            "seed": int.from_bytes(digest[:4], "big"),
+            "response_format": {"type": "json_schema", "json_schema": {"name": name, "strict": True,
+                                                                       "schema": SCHEMAS[name]}}}
+    return Call(cache_key(body, cfg.prompt_version, attempt, tries), name, body)
+
+
+def load_prompts(version: str) -> dict[str, str]:
+    return {n: load_prompt(version, n) for n in ("system", *SCHEMAS)}
+
+
 class OpenAITeacher(Teacher):
     provider = "openai"
 
-    def __init__(self, params: Params):
+    def __init__(self, params: Params, spent_usd: float = 0.0):
         super().__init__(params)
         cfg = params.teacher.openai
         key = os.environ.get("OPENAI_API_KEY")
         if not key:
             raise ConfigError("teacher.provider is openai but OPENAI_API_KEY is not set")
         self.cfg = cfg
-        self.prompts = {n: load_prompt(cfg.prompt_version, n) for n in ("system", *SCHEMAS)}
-        self.client = openai.OpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.timeout_s,
-                                    max_retries=cfg.max_retries)
+        self.prompts = load_prompts(cfg.prompt_version)
+        budget = params.teacher.budget_usd
+        self.engine = CallEngine(params, key, None if budget is None else max(0.0, budget - spent_usd))
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def ledger(self) -> list[dict[str, Any]]:
+        return self.engine.ledger.rows()
+
+    def map(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
+        """fn over items, their calls made together: replay every unfinished item until it needs a call
+        that has no answer yet, fetch all those calls at once, and go again until every item is done."""
+        done: dict[int, R] = {}
+        while True:
+            pending: dict[str, Call] = {}
+            for i, item in enumerate(items):
+                if i not in done:
+                    try:
+                        done[i] = fn(item)
+                    except Pending as p:
+                        pending[p.call.key] = p.call
+            if not pending:
+                return [done[i] for i in range(len(items))]
+            self.engine.fetch(list(pending.values()))
 
     def _call(self, name: str, attempt: int, **variables: str) -> dict[str, Any]:
-        messages = [{"role": "system", "content": self.prompts["system"]},
-                    {"role": "user", "content": Template(self.prompts[name]).substitute(variables)}]
-        # A per-attempt sampling seed: a regeneration asks for a different sample, a re-run the same one.
-        digest = hashlib.sha256(json.dumps([messages, attempt, self.params.teacher.seed]).encode()).digest()
+        error = TeacherError(f"{name}: no tries (gate.max_attempts)")
+        for tries in range(1, self.params.gate.max_attempts + 1):
+            call = request(self.params, self.prompts, name, attempt, tries, **variables)
+            text = self.engine.answer(call)  # TeacherError: the call failed after its retries
+            try:
+                return self._parse(name, text)
+            except TeacherError as e:
+                self.engine.ledger.reject(call.key, str(e))
+                error = e
+        raise error
+
+    def _parse(self, name: str, text: str) -> dict[str, Any]:
+        """The JSON answer inside a chat.completion body, checked against the prompt's schema."""
         try:
-            resp = self.client.chat.completions.create(
-                model=self.cfg.model, messages=messages, temperature=self.cfg.temperature,
-                max_tokens=self.cfg.max_tokens, seed=int.from_bytes(digest[:4], "big"),
-                response_format={"type": "json_schema",
-                                 "json_schema": {"name": name, "strict": True, "schema": SCHEMAS[name]}})
-        except openai.APIStatusError as e:
-            raise TeacherError(f"{name}: HTTP {e.status_code} from the teacher endpoint: {str(e.message)[:200]}") from None
-        except openai.APITimeoutError:
-            raise TeacherError(f"{name}: request timed out after {self.cfg.timeout_s}s") from None
-        except openai.APIConnectionError as e:
-            raise TeacherError(f"{name}: connection error: {str(e)[:200]}") from None
-        except (openai.APIError, ValueError) as e:  # a 200 whose body is not JSON at all
-            raise TeacherError(f"{name}: unreadable response body: {str(e)[:200]}") from None
-        try:
-            choice = resp.choices[0]
-            finish, content = choice.finish_reason, choice.message.content
-            refusal = getattr(choice.message, "refusal", None)
-        except (AttributeError, IndexError, TypeError):
-            raise TeacherError(f"{name}: the response is not a chat completion") from None
+            choice = json.loads(text)["choices"][0]
+            finish, content = choice["finish_reason"], choice["message"]["content"]
+            refusal = choice["message"].get("refusal")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise TeacherError(f"{name}: the response is not a chat completion: {text[:120]!r}") from None
         if finish == "length":
             raise TeacherError(f"{name}: truncated response (finish_reason=length, max_tokens={self.cfg.max_tokens})")
         if refusal:

@@ -1,0 +1,308 @@
+"""The openai teacher at scale, against the fault-injecting server: faults, kill -9 and resume, the
+budget, batch mode (with failed and missing lines, and a killed poller), rate limits, the dry run,
+and an API key that must appear nowhere but on the wire."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, write_params
+from fault_server import FAULTS, INSTANCE, VALID, FaultServer
+from iga.io import read_jsonl
+from iga.teacher.engine import TokenBucket
+from iga.teacher.ledger import totals
+from test_openai_teacher import MODEL, SENTINEL_KEY, hermetic_env, teacher_overrides  # noqa: F401 (autouse)
+
+N_SEEDS = 12
+CALLS_PER_SEED = 2 + 2 * 6  # extract, annotate, then instantiate + verify in each of 6 domains
+
+
+def varied(name: str, body: dict[str, Any]) -> Any:
+    """Answers that differ per request, so that no two seeds share a verify request."""
+    tag = hashlib.sha256(body["messages"][1]["content"].encode()).hexdigest()[:8]
+    return dict(INSTANCE, problem=f"{INSTANCE['problem']} [{tag}]") if name == "instantiate" else VALID[name]
+
+
+@pytest.fixture
+def server():
+    with FaultServer() as srv:
+        srv.state.responder = varied
+        yield srv
+
+
+def project(path: Path, server: FaultServer, **overrides: Any) -> Path:
+    """A project folder with N_SEEDS JSONL seeds and params for the local server."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "seeds.jsonl").write_text("".join(
+        json.dumps({"id": f"s{i}", "problem": f"Tom has {i} apples and buys 4 more. How many?", "answer": i + 4})
+        + "\n" for i in range(N_SEEDS)))
+    write_params(path, {"seeds.source": "jsonl", "seeds.path": "seeds.jsonl", "teacher.chunk_size": 4,
+                        **teacher_overrides(server.port, path / ".cache" / "teacher"), **overrides})
+    return path
+
+
+def cached_keys(path: Path) -> set[str]:
+    return {p.stem for p in (path / ".cache" / "teacher").glob("??/*.json")}
+
+
+def env(prefect_api_url: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": prefect_api_url, "OPENAI_API_KEY": SENTINEL_KEY,
+            "PYTHONPATH": str(ROOT), **extra}
+
+
+def start(stage: str, cwd: Path, environ: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", f"flows.{stage}"], cwd=cwd, env=environ, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_20_percent_faults_lose_no_group_and_pay_no_key_twice(server, prefect_api_url, tmp_path, monkeypatch):
+    """429 (with Retry-After), 500, hangs past the client's timeout, malformed and truncated bodies,
+    drawn for 20 % of arrivals. Malformed and truncated answers are paid and rejected: the next try
+    asks for a new sample, up to gate.max_attempts (3 here: two paid failures in a row of one call,
+    p = 0.08^2, would otherwise cost a seed its DAG)."""
+    from flows.data import data_flow
+
+    server.state.fault_rate, server.state.hang_s, server.state.seed = 0.2, 1.0, 1
+    monkeypatch.chdir(project(tmp_path, server, **{
+        "teacher.openai.timeout_s": 0.5, "teacher.openai.max_retries": 6, "teacher.concurrency": 8,
+        "gate.max_attempts": 3}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = data_flow("params.yaml")
+
+    injected = server.state.injected
+    assert set(injected) == set(FAULTS), injected  # every kind of fault happened
+    assert sum(injected.values()) >= 0.15 * sum(server.state.arrivals.values())
+    assert result["gate"]["groups_kept"] == N_SEEDS and result["gate"]["kept_fraction"] == 1.0
+    assert max(server.state.paid.values()) == 1  # no cache key paid twice
+    metrics = json.loads(Path("metrics/teacher.json").read_text())
+    # An instance whose every try was rejected (rare) is neither verified in the isomers stage nor lost:
+    # the gate regenerates it.
+    failed = sum(r["error"] is not None for r in read_jsonl("data/isomers/instances.jsonl"))
+    rejected = injected["malformed"] + injected["truncated"]
+    assert metrics["isomers"]["paid_calls"] == N_SEEDS * CALLS_PER_SEED - 2 * failed + rejected
+    assert metrics["gate"]["paid_calls"] >= 2 * failed
+    assert metrics["total"]["rejected_answers"] == rejected
+    assert metrics["total"]["retries"] == injected["429"] + injected["500"] + injected["timeout"]
+    paid = sum(server.state.paid.values())
+    print(f"faults injected {dict(injected)}; paid {paid} calls for {len(server.state.paid)} keys")
+
+    data_flow("params.yaml")  # the same inputs again: all from the cache
+    assert sum(server.state.paid.values()) == paid
+    metrics = json.loads(Path("metrics/teacher.json").read_text())
+    assert metrics["total"]["paid_calls"] == 0 and metrics["total"]["cache_hits"] == paid
+
+
+def test_kill_9_mid_stage_then_rerun_repays_nothing_received(server, prefect_api_url, tmp_path):
+    from flows.seeds import seeds_flow
+
+    server.state.latency_s = 0.05
+    path = project(tmp_path, server, **{"teacher.concurrency": 2})
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        seeds_flow("params.yaml")
+    finally:
+        os.chdir(cwd)
+    proc = start("isomers", path, env(prefect_api_url))
+    wait_for(lambda: sum(server.state.paid.values()) >= 40 or proc.poll() is not None)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read()
+    received = cached_keys(path)
+    paid_before = sum(server.state.paid.values())
+    assert 40 <= paid_before < N_SEEDS * CALLS_PER_SEED and received
+
+    rerun = subprocess.run([sys.executable, "-m", "flows.isomers"], cwd=path, env=env(prefect_api_url),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    rows = read_jsonl(path / "data/isomers/instances.jsonl")
+    assert len(rows) == N_SEEDS * 6 and all(r["error"] is None for r in rows)
+    body_of = {}  # cache key -> the server's key for its body
+    for key in received:
+        entry = json.loads((path / ".cache/teacher" / key[:2] / f"{key}.json").read_text())
+        body_of[key] = hashlib.sha256(json.dumps(entry["request"], sort_keys=True).encode()).hexdigest()
+    repaid_received = [k for k in received if server.state.paid[body_of[k]] > 1]
+    assert repaid_received == []  # 0 re-paid calls among the responses received before the kill
+    in_flight = sum(server.state.paid.values()) - len(server.state.paid)  # answered as the process died
+    assert in_flight <= 2  # at most the calls in flight (teacher.concurrency)
+    ledger = totals(read_jsonl(path / "data/isomers/ledger.jsonl"))
+    assert ledger["cache_hits"] >= len(received) - 2
+    print(f"killed after {paid_before} paid calls ({len(received)} cached); the re-run paid "
+          f"{ledger['paid_calls']}, re-paid {len(repaid_received)} received and {in_flight} in flight")
+
+
+def test_budget_stops_the_stage_before_overspending(server, prefect_api_url, tmp_path):
+    from flows.seeds import seeds_flow
+
+    budget = 0.03  # a call costs $0.0002 (150 tokens at $1/$2 per Mtok); its worst case, reserved, ~$0.005-0.01
+    path = project(tmp_path, server, **{"teacher.budget_usd": budget, "teacher.openai.max_tokens": 256,
+                                        "teacher.concurrency": 4})
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        seeds_flow("params.yaml")
+    finally:
+        os.chdir(cwd)
+    stopped = subprocess.run([sys.executable, "-m", "flows.isomers"], cwd=path, env=env(prefect_api_url),
+                             capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 2, stopped.stdout + stopped.stderr
+    assert "error: teacher.budget_usd" in stopped.stderr and "re-run to continue without paying again" in stopped.stderr
+    spent = totals(read_jsonl(path / "data/isomers/ledger.jsonl"))
+    assert 0 < spent["cost_usd"] <= budget
+    assert spent["paid_calls"] == sum(server.state.paid.values()) == len(cached_keys(path)) > 5
+    assert not (path / "data/isomers/instances.jsonl").exists()  # no partial output
+
+    project(path, server, **{"teacher.openai.max_tokens": 256})  # the same project without a budget
+    done = subprocess.run([sys.executable, "-m", "flows.isomers"], cwd=path, env=env(prefect_api_url),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert max(server.state.paid.values()) == 1
+    assert totals(read_jsonl(path / "data/isomers/ledger.jsonl"))["cache_hits"] == spent["paid_calls"]
+    print(f"budget ${budget}: stopped after {spent['paid_calls']} calls, ${spent['cost_usd']:.4f}")
+
+
+def test_batch_mode_end_to_end_with_failed_and_missing_lines(server, prefect_api_url, tmp_path, monkeypatch):
+    from flows.data import data_flow
+
+    server.state.batch_fail_rate, server.state.batch_missing_rate = 0.1, 0.1
+    monkeypatch.chdir(project(tmp_path, server, **{"teacher.mode": "batch", "teacher.batch_poll_s": 0.01,
+                                                   "teacher.openai.max_retries": 5}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = data_flow("params.yaml")
+    assert result["gate"]["groups_kept"] == N_SEEDS
+    assert max(server.state.paid.values()) == 1
+    lines = [json.loads(x)["custom_id"] for b in server.state.batches.values()
+             for x in server.state.files[b["input_file_id"]].decode().splitlines()]
+    resent = len(lines) - len(set(lines))
+    assert resent > 0  # failed and missing lines went back into later jobs
+    ledger = read_jsonl("data/isomers/ledger.jsonl")
+    assert {r["mode"] for r in ledger} == {"batch"} and all(r["error"] is None for r in ledger)
+    metrics = json.loads(Path("metrics/teacher.json").read_text())
+    assert metrics["isomers"]["paid_calls"] == N_SEEDS * CALLS_PER_SEED
+    assert metrics["total"]["cost_usd"] == pytest.approx(metrics["total"]["paid_calls"] * 0.5 * 200 / 1e6)
+    print(f"batch: {len(server.state.batches)} jobs, {len(lines)} lines, {resent} resent")
+
+
+def test_batch_job_survives_a_kill_and_is_polled_not_resubmitted(server, prefect_api_url, tmp_path):
+    from flows.seeds import seeds_flow
+
+    server.state.batch_polls = 10**9  # the first job never finishes while the first process lives
+    path = project(tmp_path, server, **{"teacher.mode": "batch", "teacher.batch_poll_s": 0.01,
+                                        "teacher.chunk_size": N_SEEDS})
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        seeds_flow("params.yaml")
+    finally:
+        os.chdir(cwd)
+    proc = start("isomers", path, env(prefect_api_url))
+    jobs = path / ".cache/teacher/batches"
+    wait_for(lambda: any(jobs.glob("*.json")) and server.state.batches.get("batch_1", {}).get("_polls", 0) > 2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    polls = server.state.batches["batch_1"]["_polls"]
+    server.state.batch_polls = polls + 1  # it finishes at the next poll
+    rerun = subprocess.run([sys.executable, "-m", "flows.isomers"], cwd=path, env=env(prefect_api_url),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert server.state.batches["batch_1"]["_polls"] == polls + 1  # the re-run polled the old job ...
+    lines = [json.loads(x)["custom_id"] for b in server.state.batches.values()
+             for x in server.state.files[b["input_file_id"]].decode().splitlines()]
+    assert len(lines) == len(set(lines)) == N_SEEDS * CALLS_PER_SEED  # ... and resubmitted nothing
+    assert not any(jobs.glob("*.json"))  # finished jobs are forgotten
+
+
+def test_retry_after_is_honoured_and_rpm_is_kept(server, tmp_path):
+    from iga.params import load_params
+    from iga.teacher import make_teacher
+
+    def params(**extra):
+        return load_params(ROOT / "params.yaml", overrides={
+            "seeds.source": "jsonl", "seeds.path": "unused.jsonl", **teacher_overrides(server.port, tmp_path / "c"),
+            "teacher.openai.max_retries": 2, **extra})
+
+    server.state.fault_rate, server.state.faults, server.state.max_faults_per_key = 1.0, ("429",), 1
+    server.state.retry_after_s = 0.4
+    teacher = make_teacher(params())
+    teacher.map(teacher.extraction, [{"seed_id": "s", "problem": "One?", "cot_solution": "Answer: 1"}])
+    teacher.close()
+    assert len(server.state.times) == 2 and server.state.times[1] - server.state.times[0] >= 0.4
+
+    server.state.fault_rate, server.state.times = 0.0, []
+    teacher = make_teacher(params(**{"teacher.rpm": 1200, "teacher.concurrency": 64}))  # 20/s, a burst of 20
+    seeds = [{"seed_id": f"s{i}", "problem": f"{i}?", "cot_solution": "Answer: 1"} for i in range(50)]
+    teacher.map(teacher.extraction, seeds)
+    teacher.close()
+    times = sorted(server.state.times)
+    assert len(times) == 50
+    assert all(sum(t <= x < t + 1.0 for x in times) <= 20 + 20 + 1 for t in times)  # rate x 1 s + burst
+    assert times[-1] - times[0] >= (50 - 20) / 20 * 0.9
+
+
+def test_token_bucket_never_grants_more_than_rate_times_time_plus_burst(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("iga.teacher.engine.time.monotonic", lambda: clock[0])
+    bucket = TokenBucket(per_minute=600, burst=5)  # 10 units/s
+    starts = []
+    for i in range(40):
+        clock[0] = i * 0.01  # requests arrive faster than the rate
+        starts.append(clock[0] + bucket.reserve(1))
+    starts.sort()
+    assert starts[4] == pytest.approx(0.04) and starts[5] > 0.04  # the burst goes at once
+    for i, t in enumerate(starts):
+        assert i + 1 <= 10 * t + 5 + 1e-9  # granted by time t: at most rate * t + burst
+
+
+def test_dry_run_estimates_calls_tokens_and_cost(server, prefect_api_url, tmp_path, monkeypatch):
+    from flows.estimate import estimate_flow
+    from flows.seeds import seeds_flow
+
+    monkeypatch.chdir(project(tmp_path, server))
+    seeds_flow("params.yaml")
+    est = estimate_flow("params.yaml")
+    assert est["seeds"] == N_SEEDS and est["calls_expected"] == N_SEEDS * CALLS_PER_SEED
+    assert est["calls_max"] == N_SEEDS * (2 * 2 + 12 * 4)  # 2 tries each; 2 attempts x 2 tries per instance call
+    assert 0 < est["cost_usd_expected"] < est["cost_usd_max"]
+    assert est["first_calls_cached"] == 0 and server.state.requests == []  # a dry run makes no call
+
+
+def test_the_api_key_reaches_no_log_no_mlflow_no_prefect_no_file(server, prefect_api_url, tmp_path):
+    """`python -m flows.data` with faults, Prefect logs sent to the server, the openai client at DEBUG and
+    MLflow on a local store: the sentinel key goes over the wire and nowhere else."""
+    server.state.fault_rate = 0.2
+    path = project(tmp_path / "project", server, **{"teacher.openai.timeout_s": 0.5, "teacher.openai.max_retries": 6,
+                                                    "gate.max_attempts": 3})
+    server.state.hang_s = 1.0
+    mlflow_db = tmp_path / "mlflow.db"  # artifacts go to the project's mlruns/
+    run = subprocess.run([sys.executable, "-m", "flows.data"], cwd=path, capture_output=True, text=True, timeout=600,
+                         env=env(prefect_api_url, PREFECT_LOGGING_TO_API_ENABLED="true", PREFECT_LOGGING_LEVEL="DEBUG",
+                                 OPENAI_LOG="debug", MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert all(r["headers"]["authorization"] == f"Bearer {SENTINEL_KEY}" for r in server.state.requests)
+    assert "HTTP Request: POST" in run.stdout + run.stderr  # the client did log its requests
+    assert SENTINEL_KEY not in run.stdout + run.stderr
+    from prefect.settings import get_current_settings
+
+    prefect_db = Path(get_current_settings().server.database.connection_url.get_secret_value().split("///", 1)[1])
+    stores = list(prefect_db.parent.glob(f"{prefect_db.name}*"))
+    assert any(b"teacher: " in p.read_bytes() for p in stores)  # this run's logs reached the Prefect server
+    assert list(path.glob("mlruns/**/ledger/*.jsonl")) and mlflow_db.is_file()  # and the ledger reached MLflow
+    files = [p for p in [*path.rglob("*"), mlflow_db, *stores] if p.is_file()]
+    leaks = [p for p in files if SENTINEL_KEY.encode() in p.read_bytes() or b"SENTINEL" in p.read_bytes()]
+    assert leaks == []
