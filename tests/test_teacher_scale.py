@@ -50,6 +50,25 @@ def project(path: Path, server: FaultServer, **overrides: Any) -> Path:
     return path
 
 
+def seeded_project(path: Path, server: FaultServer, **overrides: Any) -> Path:
+    """A project whose seeds stage has run (in this process: its Prefect server is already up)."""
+    from flows.seeds import seeds_flow
+
+    project(path, server, **overrides)
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        seeds_flow("params.yaml")
+    finally:
+        os.chdir(cwd)
+    return path
+
+
+def run(stage: str, path: Path, prefect_api_url: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"flows.{stage}"], cwd=path, env=env(prefect_api_url),
+                          capture_output=True, text=True, timeout=300)
+
+
 def cached_keys(path: Path) -> set[str]:
     return {p.stem for p in (path / ".cache" / "teacher").glob("??/*.json")}
 
@@ -109,16 +128,8 @@ def test_20_percent_faults_lose_no_group_and_pay_no_key_twice(server, prefect_ap
 
 
 def test_kill_9_mid_stage_then_rerun_repays_nothing_received(server, prefect_api_url, tmp_path):
-    from flows.seeds import seeds_flow
-
     server.state.latency_s = 0.05
-    path = project(tmp_path, server, **{"teacher.concurrency": 2})
-    cwd = os.getcwd()
-    os.chdir(path)
-    try:
-        seeds_flow("params.yaml")
-    finally:
-        os.chdir(cwd)
+    path = seeded_project(tmp_path, server, **{"teacher.concurrency": 2})
     proc = start("isomers", path, env(prefect_api_url))
     wait_for(lambda: sum(server.state.paid.values()) >= 40 or proc.poll() is not None)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -128,8 +139,7 @@ def test_kill_9_mid_stage_then_rerun_repays_nothing_received(server, prefect_api
     paid_before = sum(server.state.paid.values())
     assert 40 <= paid_before < N_SEEDS * CALLS_PER_SEED and received
 
-    rerun = subprocess.run([sys.executable, "-m", "flows.isomers"], cwd=path, env=env(prefect_api_url),
-                           capture_output=True, text=True, timeout=300)
+    rerun = run("isomers", path, prefect_api_url)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     rows = read_jsonl(path / "data/isomers/instances.jsonl")
     assert len(rows) == N_SEEDS * 6 and all(r["error"] is None for r in rows)
@@ -148,19 +158,10 @@ def test_kill_9_mid_stage_then_rerun_repays_nothing_received(server, prefect_api
 
 
 def test_budget_stops_the_stage_before_overspending(server, prefect_api_url, tmp_path):
-    from flows.seeds import seeds_flow
-
     budget = 0.03  # a call costs $0.0002 (150 tokens at $1/$2 per Mtok); its worst case, reserved, ~$0.005-0.01
-    path = project(tmp_path, server, **{"teacher.budget_usd": budget, "teacher.openai.max_tokens": 256,
-                                        "teacher.concurrency": 4})
-    cwd = os.getcwd()
-    os.chdir(path)
-    try:
-        seeds_flow("params.yaml")
-    finally:
-        os.chdir(cwd)
-    stopped = subprocess.run([sys.executable, "-m", "flows.isomers"], cwd=path, env=env(prefect_api_url),
-                             capture_output=True, text=True, timeout=300)
+    path = seeded_project(tmp_path, server, **{"teacher.budget_usd": budget, "teacher.openai.max_tokens": 256,
+                                               "teacher.concurrency": 4})
+    stopped = run("isomers", path, prefect_api_url)
     assert stopped.returncode == 2, stopped.stdout + stopped.stderr
     assert "error: teacher.budget_usd" in stopped.stderr and "re-run to continue without paying again" in stopped.stderr
     spent = totals(read_jsonl(path / "data/isomers/ledger.jsonl"))
@@ -169,8 +170,7 @@ def test_budget_stops_the_stage_before_overspending(server, prefect_api_url, tmp
     assert not (path / "data/isomers/instances.jsonl").exists()  # no partial output
 
     project(path, server, **{"teacher.openai.max_tokens": 256})  # the same project without a budget
-    done = subprocess.run([sys.executable, "-m", "flows.isomers"], cwd=path, env=env(prefect_api_url),
-                          capture_output=True, text=True, timeout=300)
+    done = run("isomers", path, prefect_api_url)
     assert done.returncode == 0, done.stdout + done.stderr
     assert max(server.state.paid.values()) == 1
     assert totals(read_jsonl(path / "data/isomers/ledger.jsonl"))["cache_hits"] == spent["paid_calls"]
@@ -200,17 +200,9 @@ def test_batch_mode_end_to_end_with_failed_and_missing_lines(server, prefect_api
 
 
 def test_batch_job_survives_a_kill_and_is_polled_not_resubmitted(server, prefect_api_url, tmp_path):
-    from flows.seeds import seeds_flow
-
     server.state.batch_polls = 10**9  # the first job never finishes while the first process lives
-    path = project(tmp_path, server, **{"teacher.mode": "batch", "teacher.batch_poll_s": 0.01,
-                                        "teacher.chunk_size": N_SEEDS})
-    cwd = os.getcwd()
-    os.chdir(path)
-    try:
-        seeds_flow("params.yaml")
-    finally:
-        os.chdir(cwd)
+    path = seeded_project(tmp_path, server, **{"teacher.mode": "batch", "teacher.batch_poll_s": 0.01,
+                                               "teacher.chunk_size": N_SEEDS})
     proc = start("isomers", path, env(prefect_api_url))
     jobs = path / ".cache/teacher/batches"
     wait_for(lambda: any(jobs.glob("*.json")) and server.state.batches.get("batch_1", {}).get("_polls", 0) > 2)
@@ -218,8 +210,7 @@ def test_batch_job_survives_a_kill_and_is_polled_not_resubmitted(server, prefect
     proc.wait()
     polls = server.state.batches["batch_1"]["_polls"]
     server.state.batch_polls = polls + 1  # it finishes at the next poll
-    rerun = subprocess.run([sys.executable, "-m", "flows.isomers"], cwd=path, env=env(prefect_api_url),
-                           capture_output=True, text=True, timeout=300)
+    rerun = run("isomers", path, prefect_api_url)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert server.state.batches["batch_1"]["_polls"] == polls + 1  # the re-run polled the old job ...
     lines = [json.loads(x)["custom_id"] for b in server.state.batches.values()
@@ -271,10 +262,8 @@ def test_token_bucket_never_grants_more_than_rate_times_time_plus_burst(monkeypa
 
 def test_dry_run_estimates_calls_tokens_and_cost(server, prefect_api_url, tmp_path, monkeypatch):
     from flows.estimate import estimate_flow
-    from flows.seeds import seeds_flow
 
-    monkeypatch.chdir(project(tmp_path, server))
-    seeds_flow("params.yaml")
+    monkeypatch.chdir(seeded_project(tmp_path, server))
     est = estimate_flow("params.yaml")
     assert est["seeds"] == N_SEEDS and est["calls_expected"] == N_SEEDS * CALLS_PER_SEED
     assert est["calls_max"] == N_SEEDS * (2 * 2 + 12 * 4)  # 2 tries each; 2 attempts x 2 tries per instance call
@@ -290,13 +279,13 @@ def test_the_api_key_reaches_no_log_no_mlflow_no_prefect_no_file(server, prefect
                                                     "gate.max_attempts": 3})
     server.state.hang_s = 1.0
     mlflow_db = tmp_path / "mlflow.db"  # artifacts go to the project's mlruns/
-    run = subprocess.run([sys.executable, "-m", "flows.data"], cwd=path, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, "-m", "flows.data"], cwd=path, capture_output=True, text=True, timeout=600,
                          env=env(prefect_api_url, PREFECT_LOGGING_TO_API_ENABLED="true", PREFECT_LOGGING_LEVEL="DEBUG",
                                  OPENAI_LOG="debug", MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}"))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert all(r["headers"]["authorization"] == f"Bearer {SENTINEL_KEY}" for r in server.state.requests)
-    assert "HTTP Request: POST" in run.stdout + run.stderr  # the client did log its requests
-    assert SENTINEL_KEY not in run.stdout + run.stderr
+    assert "HTTP Request: POST" in proc.stdout + proc.stderr  # the client did log its requests
+    assert SENTINEL_KEY not in proc.stdout + proc.stderr
     from prefect.settings import get_current_settings
 
     prefect_db = Path(get_current_settings().server.database.connection_url.get_secret_value().split("///", 1)[1])
