@@ -20,6 +20,12 @@ def test_project_params_load():
     ("split.test_fraction", 1.0, "split.test_fraction must be in (0, 1)"),
     ("teacher.provider", "anthropic", "teacher.provider must be one of"),
     ("teacher.flaw_rate", -0.1, "teacher.flaw_rate must be in [0, 1)"),
+    ("teacher.mode", "stream", "teacher.mode must be one of"),
+    ("teacher.concurrency", 0, "teacher.concurrency must be >= 1"),
+    ("teacher.rpm", 0, "teacher.rpm must be > 0 or null"),
+    ("teacher.budget_usd", -1, "teacher.budget_usd must be > 0 or null"),
+    ("teacher.batch_discount", 0, "teacher.batch_discount must be in (0, 1]"),
+    ("teacher.openai.backoff_s", 100, "teacher.openai.backoff_s must be in [0, backoff_max_s]"),
     ("seeds.max_steps", 9, "seeds.min_steps/max_steps"),
     ("seeds.families", ["arithmetic", "calculus"], "seeds.families[1]"),
     ("domains.ood", ["finance", "medical"], "domains.ood must not share"),
@@ -60,3 +66,10 @@ def test_openai_without_key_fails_before_work(tmp_path, monkeypatch):
     p = load_params(write_params(tmp_path, {"teacher.provider": "openai"}))
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
         require_teacher_credentials(p)
+
+
+def test_a_budget_needs_a_price_for_the_model(tmp_path):
+    path = write_params(tmp_path, {"teacher.provider": "openai", "teacher.budget_usd": 5.0,
+                                   "teacher.openai.model": "my-local-llama"})
+    with pytest.raises(ConfigError, match="teacher.budget_usd needs a price for teacher.openai.model 'my-local-llama'"):
+        load_params(path)

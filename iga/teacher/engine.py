@@ -232,7 +232,8 @@ class CallEngine:
                     reason, server_wait = f"HTTP {e.status_code}", retry_after_s(e.response.headers)
                 except openai.APIConnectionError as e:  # APITimeoutError included
                     self.budget.settle(worst, None)
-                    # httpx-aiohttp 0.2 reports a refused connection as a timeout: tell them apart by the clock
+                    # the aiohttp transport (openai._vendor.httpx_aiohttp) reports a refused connection as a
+                    # ConnectTimeout: tell them apart by the clock
                     timed_out = isinstance(e, openai.APITimeoutError) and \
                         time.monotonic() - start >= 0.9 * self.cfg.timeout_s
                     reason = f"timed out after {self.cfg.timeout_s}s" if timed_out else \
