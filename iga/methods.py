@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iga import combine
 from iga.core import lora_factor_grads, normalized_variance, projection_residual, randomized_svd, reconstruct
-from iga.params import ERMConfig, IGAConfig, MethodConfig
+from iga.params import AndMaskConfig, IGAConfig, MethodConfig, PenaltyConfig, SandMaskConfig
 from iga.pergrad import LoraLayer, lora_layers, per_domain_gradients
 from iga.sft import IGNORE, Batch
 
@@ -36,6 +37,10 @@ class Method:
     def __init__(self, model: nn.Module, config: MethodConfig, domains: tuple[str, ...]):
         self.model, self.config, self.domains = model, config, domains
 
+    def begin_step(self, step: int, total: int) -> bool:
+        """Called before each optimizer step; True asks the trainer to reset the optimizer's moments."""
+        return False
+
     def step(self, batch: Batch) -> dict[str, float]:
         raise NotImplementedError
 
@@ -51,6 +56,103 @@ class ERM(Method):
         loss = sums.sum() / counts.sum().clamp(min=1)
         loss.backward()
         return {"loss": loss.item(), **self._domain_metrics(domain_means(sums, counts, batch.n_domains))}
+
+
+class Penalty(Method):
+    """IRM and V-REx (DomainBed): the mean per-domain loss plus weight x an invariance penalty."""
+    config: PenaltyConfig
+
+    def __init__(self, model: nn.Module, config: PenaltyConfig, domains: tuple[str, ...]):
+        super().__init__(model, config, domains)
+        self.weight = 1.0
+
+    def begin_step(self, step: int, total: int) -> bool:
+        switch = round(self.config.anneal_frac * total)
+        self.weight = self.config.penalty_weight if step >= switch else 1.0
+        return step == switch > 0  # Adam's moments do not fit the sharp jump in gradient scale
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        n = batch.n_domains
+        if self.config.kind == "vrex":
+            per_domain = domain_means(*token_losses(self.model, batch), n)
+            penalty = combine.vrex_penalty(per_domain)
+        else:
+            per_domain, penalty = self._irm(batch)
+        loss = per_domain.mean() + self.weight * penalty
+        loss.backward()
+        return {"loss": per_domain.mean().item(), "penalty": penalty.item(), "penalty_weight": self.weight,
+                **self._domain_metrics(per_domain)}
+
+    def _irm(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Each domain's logits times its own dummy scale (1); the penalty's unbiased estimate pairs the
+        losses on the even and the odd labelled positions of that domain's rows."""
+        n = batch.n_domains
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+        labels = batch.labels[:, 1:]
+        scale = torch.ones(n, device=logits.device, requires_grad=True)
+        rows = logits.shape[0] // n
+        scaled = logits * scale.repeat_interleave(rows)[:, None, None]
+        loss = F.cross_entropy(scaled.reshape(-1, scaled.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                               reduction="none").view(labels.shape)
+        labelled = labels != IGNORE
+        even = labelled & (torch.arange(labels.shape[1], device=labels.device) % 2 == 0)
+        halves = [domain_means((loss * part).sum(dim=1), part.sum(dim=1), n) for part in (even, labelled & ~even)]
+        per_domain = domain_means(loss.sum(dim=1), labelled.sum(dim=1), n)
+        return per_domain, combine.irm_penalty(*halves, scale)
+
+
+def _stash_lora_grads(layers: list[LoraLayer]) -> dict[nn.Parameter, Tensor | None]:
+    """Take the LoRA .grad that earlier micro-batches accumulated out of autograd's way."""
+    stash = {}
+    for layer in layers:
+        for param in (layer.A, layer.B):
+            stash[param], param.grad = param.grad, None
+    return stash
+
+
+def _add_lora_grads(new: dict[nn.Parameter, Tensor], stash: dict[nn.Parameter, Tensor | None]) -> None:
+    """The method's own LoRA gradients replace autograd's, added to what was accumulated before."""
+    for param, grad in new.items():
+        before = stash[param]
+        param.grad = grad.to(param.dtype) if before is None else before + grad.to(param.dtype)
+
+
+class GradientRule(Method):
+    """PCGrad, AND-mask, SAND-mask and Pareto-GS: each domain's gradient of the LoRA parameters from
+    the one-pass per-domain engine (chain rule from the full-weight G_n), combined by iga/combine.py.
+    The masks act per LoRA tensor (as DomainBed's per parameter); PCGrad and MGDA see all of them
+    flattened into one vector."""
+
+    def __init__(self, model: nn.Module, config: MethodConfig, domains: tuple[str, ...]):
+        super().__init__(model, config, domains)
+        self.layers = lora_layers(model)
+
+    def _combine(self, per_domain: dict[nn.Parameter, Tensor], seed: int) -> dict[nn.Parameter, Tensor]:
+        c = self.config
+        if isinstance(c, AndMaskConfig):
+            return {p: combine.and_mask(g.flatten(1), c.tau).view(p.shape) for p, g in per_domain.items()}
+        if isinstance(c, SandMaskConfig):
+            return {p: combine.sand_mask(g.flatten(1), c.tau, c.k).view(p.shape) for p, g in per_domain.items()}
+        flat = torch.cat([g.flatten(1) for g in per_domain.values()], dim=1)  # (N, P)
+        update = combine.pcgrad(flat, torch.Generator().manual_seed(seed)) if c.kind == "pcgrad" else combine.mgda(flat)
+        sizes = [p.numel() for p in per_domain]
+        return {p: u.view(p.shape) for p, u in zip(per_domain, update.split(sizes), strict=True)}
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        n = batch.n_domains
+        stash = _stash_lora_grads(self.layers)
+        per_domain: dict[nn.Parameter, Tensor] = {}
+
+        def collect(layer: LoraLayer, G: Tensor) -> None:
+            A, B = layer.A.detach().float(), layer.B.detach().float()
+            per_domain[layer.A], per_domain[layer.B] = lora_factor_grads(G, None, A, B, layer.scaling, "none")
+
+        with per_domain_gradients(self.layers, n, collect):
+            losses = domain_means(*token_losses(self.model, batch), n)
+            losses.mean().backward()
+        with torch.autocast(batch.input_ids.device.type, enabled=False):
+            _add_lora_grads(self._combine(per_domain, batch.seed), stash)
+        return {"loss": losses.mean().item(), **self._domain_metrics(losses)}
 
 
 @dataclass
@@ -104,12 +206,8 @@ class IGA(Method):
     def step(self, batch: Batch) -> dict[str, float]:
         n = batch.n_domains
         stats, grads = _MaskStats(), {}
-        # Autograd fills the LoRA .grad too; IGA's gradient replaces that part, keeping what earlier
-        # micro-batches accumulated.
-        accumulated = {}
-        for layer in self.layers:
-            for param in (layer.A, layer.B):
-                accumulated[param], param.grad = param.grad, None
+        # Autograd fills the LoRA .grad too; IGA's gradient replaces that part.
+        stash = _stash_lora_grads(self.layers)
 
         def combine(layer: LoraLayer, G: Tensor) -> None:
             grads[layer.name] = self._combine(layer, G, batch.seed, stats)
@@ -132,14 +230,13 @@ class IGA(Method):
             for layer in self.layers:
                 combine(layer, torch.stack(collected.pop(layer.name)))
             per_domain = torch.stack(losses)
-        for layer in self.layers:
-            for param, new in zip((layer.A, layer.B), grads[layer.name]):
-                before = accumulated[param]
-                param.grad = new.to(param.dtype) if before is None else before + new.to(param.dtype)
+        _add_lora_grads({param: new for layer in self.layers for param, new in zip((layer.A, layer.B), grads[layer.name])},
+                        stash)
         return {"loss": per_domain.mean().item(), **self._domain_metrics(per_domain), **stats.metrics()}
 
 
-METHODS: dict[str, type[Method]] = {"erm": ERM, "iga": IGA}
+METHODS: dict[str, type[Method]] = {"erm": ERM, "iga": IGA, "irm": Penalty, "vrex": Penalty, "pcgrad": GradientRule,
+                                    "and_mask": GradientRule, "sand_mask": GradientRule, "pareto_gs": GradientRule}
 
 
 def build_method(config: MethodConfig, model: nn.Module, domains: tuple[str, ...]) -> Method:

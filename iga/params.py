@@ -145,7 +145,45 @@ class IGAConfig:
     passes: Literal["one", "per_domain"]  # per_domain: N forward+backward passes, the paper's way
 
 
-MethodConfig = ERMConfig | IGAConfig
+@dataclass(frozen=True)
+class PenaltyConfig:
+    """IRM or V-REx as in DomainBed: mean per-domain loss + weight x penalty. The weight is 1 for the
+    first anneal_frac of the steps (DomainBed: 500 of 5000 iterations), then penalty_weight, and the
+    optimizer's moments are reset at the switch."""
+    kind: Literal["irm", "vrex"]
+    penalty_weight: float  # DomainBed: irm_lambda 1e2, vrex_lambda 1e1
+    anneal_frac: float
+
+
+@dataclass(frozen=True)
+class PCGradConfig:
+    """PCGrad: per-domain LoRA gradients with their conflicts projected away, summed."""
+    kind: Literal["pcgrad"]
+
+
+@dataclass(frozen=True)
+class AndMaskConfig:
+    """AND-mask: the mean LoRA gradient where the domains' signs agree (|mean sign| >= tau)."""
+    kind: Literal["and_mask"]
+    tau: float  # in [0, 1] (DomainBed 1: unanimous)
+
+
+@dataclass(frozen=True)
+class SandMaskConfig:
+    """SAND-mask: the smooth AND-mask, DomainBed's formula."""
+    kind: Literal["sand_mask"]
+    tau: float  # in (0, 1): at DomainBed's default 1 the mask is all zero
+    k: float  # steepness (DomainBed 10)
+
+
+@dataclass(frozen=True)
+class ParetoGSConfig:
+    """Pareto-GS: the min-norm point of the convex hull of the per-domain LoRA gradients (MGDA)."""
+    kind: Literal["pareto_gs"]
+
+
+GradientRuleConfig = PCGradConfig | AndMaskConfig | SandMaskConfig | ParetoGSConfig
+MethodConfig = ERMConfig | IGAConfig | PenaltyConfig | PCGradConfig | AndMaskConfig | SandMaskConfig | ParetoGSConfig
 
 
 @dataclass(frozen=True)
@@ -214,7 +252,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return None
         configs = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
         if len(configs) > 1:  # a tagged union: `kind` picks the dataclass
-            kinds = {typing.get_args(typing.get_type_hints(c)["kind"])[0]: c for c in configs}
+            kinds = {k: c for c in configs for k in typing.get_args(typing.get_type_hints(c)["kind"])}
             kind = value.get("kind") if isinstance(value, dict) else None
             if kind not in kinds:
                 raise ConfigError(f"params: {key}.kind must be one of {sorted(kinds)}, got {kind!r}")
@@ -313,6 +351,16 @@ def _validate(p: Params) -> None:
                    "need the LoRA branch to see the base layer's input)", lo.dropout)
             _check(cfg.tau >= 0, f"methods.{name}.tau", "must be >= 0", cfg.tau)
             _check(cfg.oversample >= 0, f"methods.{name}.oversample", "must be >= 0", cfg.oversample)
+        if isinstance(cfg, PenaltyConfig):
+            _check(cfg.penalty_weight >= 0, f"methods.{name}.penalty_weight", "must be >= 0", cfg.penalty_weight)
+            _check(0 <= cfg.anneal_frac < 1, f"methods.{name}.anneal_frac", "must be in [0, 1)", cfg.anneal_frac)
+        if isinstance(cfg, AndMaskConfig):
+            _check(0 <= cfg.tau <= 1, f"methods.{name}.tau", "must be in [0, 1]", cfg.tau)
+        if isinstance(cfg, SandMaskConfig):
+            _check(0 < cfg.tau < 1, f"methods.{name}.tau", "must be in (0, 1) (at 1 the SAND-mask is all zero)", cfg.tau)
+            _check(cfg.k > 0, f"methods.{name}.k", "must be > 0", cfg.k)
+        if isinstance(cfg, GradientRuleConfig):
+            _check(lo.dropout == 0, "lora.dropout", f"must be 0 for method {name} (per-domain gradients)", lo.dropout)
     for key in ("steps", "groups_per_batch", "grad_accum", "max_length", "threads", "checkpoint_every"):
         _check(getattr(tr, key) >= 1, f"train.{key}", "must be >= 1", getattr(tr, key))
     _check(tr.lr > 0, "train.lr", "must be > 0", tr.lr)

@@ -87,6 +87,8 @@ def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int],
     model.train()
     for step in range(start, tp.steps):
         t0 = time.perf_counter()
+        if method.begin_step(step, tp.steps):
+            optimizer.state.clear()  # fresh Adam moments, same lr schedule (IRM/V-REx at the penalty switch)
         totals: dict[str, float] = {}
         micro = micro_batches(step)
         for batch in micro:

@@ -96,6 +96,36 @@ def test_identical_domains_make_iga_equal_erm(tiny_base, rows):
         torch.testing.assert_close(g, erm[n], rtol=1e-4, atol=1e-5 * float(erm[n].abs().max()))
 
 
+@pytest.mark.parametrize("name, factor", [("pcgrad", N), ("pareto-gs", 1), ("and-mask", 1), ("sand-mask", 1)])
+def test_identical_domains_make_every_gradient_rule_erm(tiny_base, rows, name, factor):
+    """Every domain slot holds the same instance: nothing conflicts or disagrees, so PCGrad is the sum of
+    N equal gradients (N x ERM's mean) and MGDA, AND- and SAND-mask are ERM's gradient."""
+    model, tokenizer = student(tiny_base)
+    batch = batches(tokenizer, rows)(0)
+    k = batch.input_ids.shape[0] // N
+    same = Batch(*(t[:k].repeat(N, 1) for t in (batch.input_ids, batch.attention_mask, batch.labels)), N, 0)
+    build_method(P.methods["erm"], model, DOMAINS).step(same)
+    erm = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    build_method(P.methods[name], model, DOMAINS).step(same)
+    for n, g in lora_grads(model).items():
+        torch.testing.assert_close(g, factor * erm[n], rtol=1e-3, atol=1e-4 * float(erm[n].abs().max()))
+
+
+@pytest.mark.parametrize("name", ["irm", "vrex"])
+def test_penalty_weight_switches_and_adam_restarts(tiny_base, rows, tmp_path, name):
+    """Weight 1 before anneal_frac of the steps, then penalty_weight; Adam's moments restart at the switch."""
+    model, tokenizer = student(tiny_base, nonzero_b=False)
+    config = dataclasses.replace(P.methods[name], penalty_weight=7.0, anneal_frac=0.5)
+    tp = dataclasses.replace(P.train, steps=4, lr=1e-2, checkpoint_every=10)
+    history = train(model, build_method(config, model, DOMAINS), lambda s: [batches(tokenizer, rows)(s)], tp,
+                    tmp_path, "fp", torch.device("cpu"))
+    assert [h["penalty_weight"] for h in history] == [1.0, 1.0, 7.0, 7.0]
+    assert all(h["penalty"] >= 0 and math.isfinite(h["penalty"]) for h in history)
+    adam = torch.load(tmp_path / CHECKPOINT, weights_only=True)["optimizer"]["state"]
+    assert {int(v["step"]) for v in adam.values()} == {2}  # two updates since the restart, not four
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_every_method_trains_lora_and_nothing_else(tiny_base, rows, tmp_path, name):
     assert CONFIGS[name].kind in METHODS
