@@ -28,13 +28,7 @@ def chunks(items: list, size: int) -> list[list]:
 
 def retry_unless_aborted(task: Task, task_run: TaskRun, state: State) -> bool:
     """Prefect retries a crashed chunk, but not a stop on purpose (HTTP 401, the budget)."""
-    try:
-        state.result()
-    except TeacherAbort:
-        return False
-    except Exception:
-        return True
-    return True
+    return not isinstance(state.result(raise_on_failure=False), TeacherAbort)
 
 
 def chunk_task(fn):

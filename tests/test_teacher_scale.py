@@ -295,3 +295,20 @@ def test_the_api_key_reaches_no_log_no_mlflow_no_prefect_no_file(server, prefect
     files = [p for p in [*path.rglob("*"), mlflow_db, *stores] if p.is_file()]
     leaks = [p for p in files if SENTINEL_KEY.encode() in p.read_bytes() or b"SENTINEL" in p.read_bytes()]
     assert leaks == []
+
+
+def test_a_401_stops_the_stage_and_prefect_does_not_retry_it(server, prefect_api_url, tmp_path, monkeypatch):
+    from flows.isomers import isomers_flow
+    from iga.errors import TeacherAbort
+    from iga.teacher.openai_teacher import OpenAITeacher
+
+    monkeypatch.chdir(seeded_project(tmp_path, server, **{"teacher.task_retries": 2}))
+    server.state.mode = "http401"
+    chunk_runs = []
+    original = OpenAITeacher.map
+    monkeypatch.setattr(OpenAITeacher, "map", lambda self, fn, items: chunk_runs.append(1) or original(self, fn, items))
+    with pytest.raises(TeacherAbort, match="HTTP 401 .* not retried"):
+        isomers_flow("params.yaml")
+    assert len(chunk_runs) == N_SEEDS // 4  # one run per chunk of 4 seeds: no Prefect retry
+    assert len(server.state.requests) <= N_SEEDS  # at most the first wave, nothing after the stop
+    assert Path("data/isomers/ledger.jsonl").is_file() and not Path("data/isomers/instances.jsonl").exists()
