@@ -90,7 +90,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Stage totals of ledger rows (metrics/teacher.json and MLflow)."""
     paid = [r for r in rows if not r["cache_hit"] and r["prompt_tokens"] is not None]
     latencies = sorted(r["latency_s"] for r in paid if r["latency_s"] is not None)
-    costs = [r["cost_usd"] for r in rows if not r["cache_hit"] and r["prompt_tokens"] is not None]
+    costs = [r["cost_usd"] for r in paid]
     by_kind: dict[str, int] = {}
     for r in paid:
         by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
