@@ -83,7 +83,8 @@ class State:
     raw_body: str = ""              # the body of mode "raw"
     responder: Callable[[str, dict], Any] | None = None  # (schema name, body) -> answer (JSON, or raw text)
     record: bool = True             # keep every request (headers and body) in `requests`
-    # Batches: share of lines that fail (an error line) or go missing from the output file.
+    # Batches: share of lines that fail (an error line) or go missing from the output file (per arrival,
+    # as online faults, so also capped by max_faults_per_key).
     batch_fail_rate: float = 0.0
     batch_missing_rate: float = 0.0
     batch_polls: int = 2            # retrievals before a batch completes
@@ -237,9 +238,11 @@ def _run_batch(state: State, batch: dict[str, Any]) -> None:
     for line in state.files[batch["input_file_id"]].decode().splitlines():
         req = json.loads(line)
         key = body_key(req["body"])
-        draw = _draw(state.seed, "batch", batch["id"], req["custom_id"])
         with state.lock:
+            arrival = state.arrivals[key]
             state.arrivals[key] += 1
+        # Like online faults: drawn per (body, arrival), and never past max_faults_per_key arrivals.
+        draw = _draw(state.seed, "batch", key, arrival) if arrival < state.max_faults_per_key else 1.0
         if draw < state.batch_missing_rate:
             continue
         if draw < state.batch_missing_rate + state.batch_fail_rate:
