@@ -24,9 +24,9 @@ def pcgrad_projections(grads: Tensor, generator: torch.Generator | None = None) 
         for j in torch.randperm(n, generator=generator).tolist():
             if j == i:
                 continue
-            dot = out[i] @ grads[j]
-            if dot < 0:
-                out[i] -= dot / (grads[j] @ grads[j]) * grads[j]  # dot < 0, so grads[j] is not 0
+            dot, norm2 = out[i] @ grads[j], grads[j] @ grads[j]
+            if dot < 0 and norm2 > 0:  # norm2 can underflow to 0 in float32 where dot does not
+                out[i] -= dot / norm2 * grads[j]
     return out
 
 
