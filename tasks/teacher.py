@@ -78,9 +78,10 @@ def close_teacher(teacher: Teacher, ledger: Path) -> dict[str, Any]:
 @task(cache_policy=NO_CACHE)
 def write_teacher_metrics(params: Params, stages: dict[str, Path]) -> dict[str, Any]:
     """metrics/teacher.json: the totals per teacher stage and together; logged to MLflow for the openai teacher."""
-    per_stage = {name: totals(read_jsonl(path)) for name, path in stages.items()}
+    ledgers = {name: read_jsonl(path) for name, path in stages.items()}
+    per_stage = {name: totals(rows) for name, rows in ledgers.items()}
     metrics = {"provider": params.teacher.provider, "mode": params.teacher.mode, "model": params.teacher.openai.model,
-               "total": totals([r for path in stages.values() for r in read_jsonl(path)]), **per_stage}
+               "total": totals([r for rows in ledgers.values() for r in rows]), **per_stage}
     write_json(TEACHER_METRICS, metrics)
     if params.teacher.provider == "openai":
         from tasks.tracking import flat_params, mlflow_module

@@ -69,6 +69,12 @@ class TokenBucket:
         return max(0.0, -self.level / self.rate)
 
 
+def is_fatal(e: openai.APIStatusError) -> bool:
+    """A request or account problem that no retry can fix: a 4xx other than 408/409/429, or no quota."""
+    quota = e.status_code == 429 and getattr(e, "code", None) == "insufficient_quota"
+    return quota or (e.status_code < 500 and e.status_code not in RETRYABLE)
+
+
 def retry_after_s(headers: httpx.Headers) -> float | None:
     """The server's Retry-After, from `retry-after-ms` (OpenAI) or `retry-after` (seconds or an HTTP date)."""
     if (ms := headers.get("retry-after-ms")) is not None:
@@ -225,8 +231,7 @@ class CallEngine:
                     body = response.text
                 except openai.APIStatusError as e:
                     self.budget.settle(worst, None)
-                    quota = e.status_code == 429 and getattr(e, "code", None) == "insufficient_quota"
-                    if quota or (e.status_code < 500 and e.status_code not in RETRYABLE):
+                    if is_fatal(e):
                         self.abort = self.abort or self._fatal(call, e)
                         return
                     reason, server_wait = f"HTTP {e.status_code}", retry_after_s(e.response.headers)
@@ -255,7 +260,7 @@ class CallEngine:
             try:
                 return await fn(*args, **kwargs)
             except openai.APIStatusError as e:
-                if e.status_code < 500 and e.status_code not in RETRYABLE:
+                if is_fatal(e):
                     raise TeacherAbort(f"batch {what}: HTTP {e.status_code}: {str(e.message)[:300]}") from None
                 reason, server_wait = f"HTTP {e.status_code}", retry_after_s(e.response.headers)
             except (openai.APITimeoutError, openai.APIConnectionError) as e:
