@@ -164,13 +164,11 @@ class _MaskStats:
     vhat_sum: float = 0.0
     residuals: list[float] = field(default_factory=list)
 
-    def add(self, mask: Tensor, vhat: Tensor, residual: float | None) -> None:
+    def add(self, mask: Tensor, vhat: Tensor) -> None:
         self.elements += mask.numel()
         self.mask_sum += float(mask.sum())
         self.below_half += int((mask < 0.5).sum())
         self.vhat_sum += float(vhat.sum())
-        if residual is not None:
-            self.residuals.append(residual)
 
     def metrics(self) -> dict[str, float]:
         out = {"mask_mean": self.mask_sum / self.elements, "mask_frac_below_half": self.below_half / self.elements,
@@ -190,18 +188,31 @@ class IGA(Method):
         self.layers = lora_layers(model)
         self.index = {layer.name: i for i, layer in enumerate(self.layers)}
 
-    def _combine(self, layer: LoraLayer, G: Tensor, seed: int, stats: _MaskStats) -> tuple[Tensor, Tensor]:
+    def _combine(self, layer: LoraLayer, G: Tensor, seed: int, stats: _MaskStats) -> tuple[Tensor, ...]:
         c = self.config
         # One generator per (micro-batch, module): the draws do not depend on the order modules arrive in.
         generator = torch.Generator(device=G.device).manual_seed(seed * 100_003 + self.index[layer.name])
         A, B, s = layer.A.detach().float(), layer.B.detach().float(), layer.scaling
         with torch.autocast(G.device.type, enabled=False):  # the IGA math runs in fp32 under bf16 autocast
-            mean, vhat = normalized_variance(reconstruct(G, A, B, s, c.reconstruction), c.mask_normalize)
-            mask = torch.exp(-c.tau * vhat)
-            g = mean * mask
+            if c.reconstruction == "none":  # ablation: mask each LoRA factor's per-domain gradients directly
+                factors = lora_factor_grads(G, None, A, B, s, "none")
+                return tuple(self._masked_mean(grads, stats) for grads in factors)
+            g = self._masked_mean(reconstruct(G, A, B, s, c.reconstruction), stats)
             low = None if c.projection == "none" else randomized_svd(g, A.shape[0], c.oversample, generator=generator)
-            stats.add(mask, vhat, None if low is None else projection_residual(g, low))
+            if low is not None:
+                stats.residuals.append(projection_residual(g, low))
             return lora_factor_grads(g, low, A, B, s, c.projection)
+
+    def _masked_mean(self, grads: Tensor, stats: _MaskStats) -> Tensor:
+        """ḡ ⊙ M for per-domain gradients (N, ...): M = exp(−τ·V̂), or the binary AND-mask (ablation)."""
+        c = self.config
+        mean, vhat = normalized_variance(grads, c.mask_normalize)
+        if c.mask == "exp":
+            mask = torch.exp(-c.tau * vhat)
+        else:
+            mask = (grads.sign().mean(dim=0).abs() == 1).to(grads.dtype)
+        stats.add(mask, vhat)
+        return mean * mask
 
     def step(self, batch: Batch) -> dict[str, float]:
         n = batch.n_domains

@@ -138,9 +138,10 @@ class IGAConfig:
     """Invariant Gradient Alignment; the variants are explained in iga/core.py."""
     kind: Literal["iga"]
     tau: float
-    reconstruction: Literal["factor", "exact"]
+    reconstruction: Literal["factor", "exact", "none"]  # none: mask the LoRA factor gradients themselves
     mask_normalize: Literal["none", "relative"]
     projection: Literal["svd_factors", "chain_rule", "none"]
+    mask: Literal["exp", "and"]  # exp: M = exp(-tau V); and: the binary AND-mask (signs unanimous), an ablation
     oversample: int  # randomized SVD oversampling
     passes: Literal["one", "per_domain"]  # per_domain: N forward+backward passes, the paper's way
 
@@ -187,6 +188,27 @@ MethodConfig = ERMConfig | IGAConfig | PenaltyConfig | PCGradConfig | AndMaskCon
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """One row of the experiment: a method of `methods` trained on a variant of the data."""
+    method: str  # a key of `methods`
+    data: Literal["isomers", "random_pairing", "shuffled", "seed_only"]
+    domains: tuple[str, ...] | None  # a subset of domains.train (None: all of them)
+    split: Literal["seed", "instance"]
+
+
+@dataclass(frozen=True)
+class ExperimentParams:
+    seeds: tuple[int, ...]  # train.seed of each repeat (LoRA init, batch order); the data split stays fixed
+    steps: int  # optimizer steps per run
+    eval_groups: int  # held-out test seeds per run: their ID instances, OOD instances and isomer groups (LCS)
+    max_new_tokens: int  # greedy decoding budget per completion
+    cost_steps: int  # table 3: timed steps per method on one batch, after one warm-up step
+    table1: tuple[str, ...]  # keys of runs: the methods table
+    table2: tuple[str, ...]  # keys of runs: the ablations, each against full IGA
+    runs: dict[str, RunConfig]
+
+
+@dataclass(frozen=True)
 class ExternalParams:
     limit: int  # problems: a seeded subset of the benchmark; 0 skips it
 
@@ -224,6 +246,7 @@ class Params:
     train: TrainParams
     methods: dict[str, MethodConfig]  # named configurations, e.g. iga and iga-paper
     eval: EvalParams
+    experiment: ExperimentParams
     registry: RegistryParams
     schedule: ScheduleParams
 
@@ -351,6 +374,9 @@ def _validate(p: Params) -> None:
                    "need the LoRA branch to see the base layer's input)", lo.dropout)
             _check(cfg.tau >= 0, f"methods.{name}.tau", "must be >= 0", cfg.tau)
             _check(cfg.oversample >= 0, f"methods.{name}.oversample", "must be >= 0", cfg.oversample)
+            _check(cfg.reconstruction != "none" or cfg.projection == "none", f"methods.{name}.projection",
+                   "must be none when reconstruction is none (there is no full-weight gradient to project)",
+                   cfg.projection)
         if isinstance(cfg, PenaltyConfig):
             _check(cfg.penalty_weight >= 0, f"methods.{name}.penalty_weight", "must be >= 0", cfg.penalty_weight)
             _check(0 <= cfg.anneal_frac < 1, f"methods.{name}.anneal_frac", "must be in [0, 1)", cfg.anneal_frac)
@@ -373,9 +399,33 @@ def _validate(p: Params) -> None:
     for name, ext in ev.external.items():
         _check(name in BENCHMARKS, f"eval.external.{name}", f"is not a known benchmark {list(BENCHMARKS)}", name)
         _check(ext.limit >= 0, f"eval.external.{name}.limit", "must be >= 0", ext.limit)
+    _validate_experiment(p)
     _check(bool(p.registry.model_name.strip()), "registry.model_name", "must not be empty", p.registry.model_name)
     _check(len(p.schedule.cron.split()) == 5, "schedule.cron", "must have five fields (min hour day month weekday)",
            p.schedule.cron)
+
+
+def _validate_experiment(p: Params) -> None:
+    ex = p.experiment
+    for key in ("steps", "eval_groups", "max_new_tokens", "cost_steps"):
+        _check(getattr(ex, key) >= 1, f"experiment.{key}", "must be >= 1", getattr(ex, key))
+    _check(len(set(ex.seeds)) == len(ex.seeds), "experiment.seeds", "must not repeat a seed", ex.seeds)
+    rows = p.train.groups_per_batch * len(p.domains.train)  # sequences per micro-batch, the same for every run
+    for name, run in ex.runs.items():
+        key = f"experiment.runs.{name}"
+        _check(run.method in p.methods, f"{key}.method", f"must be a key of methods ({sorted(p.methods)})", run.method)
+        domains = run.domains or p.domains.train
+        unknown = sorted(set(domains) - set(p.domains.train))
+        _check(not unknown, f"{key}.domains", f"must be a subset of domains.train {list(p.domains.train)}", unknown)
+        _check(run.data != "seed_only" or len(domains) == 1, f"{key}.domains", "must name one domain for data "
+               "seed_only", domains)
+        per_unit = len(domains) if run.data in ("isomers", "random_pairing") else 1
+        _check(rows % per_unit == 0, f"{key}.domains", f"must divide the {rows} sequences of a micro-batch "
+               "(train.groups_per_batch x len(domains.train))", domains)
+    for table in ("table1", "table2"):
+        for i, name in enumerate(getattr(ex, table)):
+            _check(name in ex.runs, f"experiment.{table}[{i}]", "must be a key of experiment.runs", name)
+    _check("iga" in ex.table1, "experiment.table1", "must include iga (both tables compare with it)", ex.table1)
 
 
 def parse_params(data: Any) -> Params:

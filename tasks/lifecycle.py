@@ -22,14 +22,14 @@ from tasks.paths import REPORTS, history_file, train_metrics
 
 @task(cache_policy=NO_CACHE)
 def reproduce() -> None:
-    """`dvc repro`: data → train → evaluate, only what changed; dvc.lock records what ran."""
+    """`dvc repro evaluate`: data → train → evaluate, only what changed; dvc.lock records what ran."""
     bin_dir = str(Path(sys.executable).parent)  # stages run `python -m flows.<stage>` with this interpreter
     with get_client(sync_client=True) as client:  # the lifecycle's Prefect API, a temporary server or a real one:
         api_url = str(client.api_url)             # stages report there and skip their own ~15 s start-up
     env = os.environ | {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PREFECT_API_URL": api_url}
     if not Path(".dvc").is_dir():
         subprocess.run([f"{bin_dir}/dvc", "init", "-q"], check=True, env=env)
-    code = subprocess.run([f"{bin_dir}/dvc", "repro"], env=env).returncode
+    code = subprocess.run([f"{bin_dir}/dvc", "repro", "evaluate"], env=env).returncode  # not the experiment
     if code:
         raise IGAError(f"dvc repro failed with exit status {code}; the failing stage's output is above. "
                        "Nothing was registered.")

@@ -52,3 +52,17 @@ def eval_plot(method: str, name: str) -> Path:
     """DVC plot data (`dvc plots show`): accuracy per split, LCS per layer."""
     return Path("plots") / method / f"{name}.json"
 
+
+
+EXPERIMENT = Path("experiments")  # `flows.experiment`: one result per (run, seed), the parent MLflow run, costs
+TABLES = {n: REPORTS / f"table{n}.md" for n in (1, 2, 3)}
+EXPERIMENT_REPORT = REPORTS / "experiment"  # Table 1's runs as summary.md and figures
+
+
+def experiment_result(run: str, seed: int) -> Path:
+    """A finished run's metrics, history and params hash (a matching hash is skipped on re-runs)."""
+    return EXPERIMENT / "runs" / run / f"seed{seed}.json"
+
+
+def experiment_checkpoints(run: str, seed: int) -> Path:
+    return EXPERIMENT / "runs" / run / f"seed{seed}.checkpoints"

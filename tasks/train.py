@@ -7,13 +7,14 @@ import json
 import shutil
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
+import iga.combine
 import iga.core
 import iga.methods
 import iga.pergrad
@@ -23,7 +24,7 @@ import iga.train
 from iga.errors import ConfigError, DataError
 from iga.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from iga.methods import build_method
-from iga.params import Params
+from iga.params import Params, TrainParams
 from iga.sft import GroupSampler, collate, encode_groups, isomer_groups
 from iga.student import load_student
 from iga.train import resume_point, train, trainable
@@ -31,19 +32,31 @@ from tasks import tracking
 from tasks.paths import BASE_MODEL, TRAIN, adapter_dir, checkpoint_dir, history_file, train_metrics
 
 # Settings that do not change what a run computes; a checkpoint stays valid across them.
-_NOT_IN_FINGERPRINT = ("methods", "threads", "checkpoint_every")
-_TRAINING_CODE = (iga.core, iga.methods, iga.pergrad, iga.sft, iga.student, iga.train)
+NOT_IN_FINGERPRINT = ("methods", "threads", "checkpoint_every")
+TRAINING_CODE = (iga.combine, iga.core, iga.methods, iga.pergrad, iga.sft, iga.student, iga.train)
 
 
 def fingerprint(params: Params, method: str, data_md5: str) -> str:
     """What a checkpoint must match to be resumed: the method, student, LoRA, training settings, data,
     and the training code itself (a resumed run must not mix two versions of the update rule)."""
-    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in _NOT_IN_FINGERPRINT}
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in _TRAINING_CODE)).hexdigest()
+    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in NOT_IN_FINGERPRINT}
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in TRAINING_CODE)).hexdigest()
     spec = {"method": dataclasses.asdict(params.methods[method]), "student": dataclasses.asdict(params.student),
             "lora": dataclasses.asdict(params.lora), "train": train, "domains": params.domains.train, "data": data_md5,
             "code": code}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def batcher(groups: list[list[iga.sft.Encoded]], tp: TrainParams, per_batch: int, pad_id: int
+            ) -> Callable[[int], list[iga.sft.Batch]]:
+    """Step -> its micro-batches of `per_batch` groups each: a pure function of the step (resume-safe)."""
+    sampler = GroupSampler(len(groups), per_batch, tp.seed)
+
+    def micro_batches(step: int) -> list[iga.sft.Batch]:
+        return [collate([groups[i] for i in sampler(j)], pad_id, seed=tp.seed * 1_000_003 + j)
+                for j in range(step * tp.grad_accum, (step + 1) * tp.grad_accum)]
+
+    return micro_batches
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,12 +93,7 @@ def train_method(params: Params, method: str) -> dict[str, Any]:
                                      tp.max_length)
     if not groups:
         raise DataError(f"{TRAIN}: no isomer group fits in train.max_length = {tp.max_length} tokens")
-    sampler = GroupSampler(len(groups), tp.groups_per_batch, tp.seed)
-
-    def micro_batches(step: int):
-        return [collate([groups[i] for i in sampler(j)], tokenizer.pad_token_id, seed=tp.seed * 1_000_003 + j)
-                for j in range(step * tp.grad_accum, (step + 1) * tp.grad_accum)]
-
+    micro_batches = batcher(groups, tp, tp.groups_per_batch, tokenizer.pad_token_id)
     data_md5 = tracking.data_hash(TRAIN)
     key = fingerprint(params, method, data_md5)
     ckpt = checkpoint_dir(method)

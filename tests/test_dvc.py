@@ -42,14 +42,14 @@ def test_dvc_repro(prefect_api_url, tmp_path):
     assert (repo / "dvc.lock").is_file() and (repo / "data/split/train.jsonl").is_file()
     assert (repo / "models/iga/adapter/adapter_model.safetensors").is_file()
     assert (repo / "reports/summary.md").is_file() and (repo / "models/erm/completions.jsonl").is_file()
-    assert _ran(_sh(dvc + ["repro"], repo, env)) == []
+    assert _ran(_sh(dvc + ["repro", "evaluate"], repo, env)) == []
     plots = _sh(dvc + ["plots", "show", "--json"], repo, env)
     assert "plots/erm/accuracy.json" in plots and "plots/iga/lcs.json" in plots
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["gate"]["min_alignment"] = 0.6  # low enough to let some flawed instances through
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_sh(dvc + ["repro"], repo, env)) == ["gate", "split", "train@erm", "train@iga", "evaluate@erm",
+    assert _ran(_sh(dvc + ["repro", "evaluate"], repo, env)) == ["gate", "split", "train@erm", "train@iga", "evaluate@erm",
                                                      "evaluate@iga"]
     metrics = _sh(dvc + ["metrics", "show", "--json"], repo, env)
     for key in ("kept_fraction", "seeds_in_both_sides", "loss_last_quarter", "ood_accuracy", "delta_gap"):
@@ -59,9 +59,9 @@ def test_dvc_repro(prefect_api_url, tmp_path):
     params["methods"]["iga"]["tau"] = 1.0
     params["train"]["methods"] = ["erm", "iga", "iga-paper"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_sh(dvc + ["repro"], repo, env)) == ["train@iga", "train@iga-paper", "evaluate@iga",
+    assert _ran(_sh(dvc + ["repro", "evaluate"], repo, env)) == ["train@iga", "train@iga-paper", "evaluate@iga",
                                                      "evaluate@iga-paper"]
     # an evaluation setting re-evaluates without retraining
     params["eval"]["lcs_groups"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_sh(dvc + ["repro"], repo, env)) == ["evaluate@erm", "evaluate@iga", "evaluate@iga-paper"]
+    assert _ran(_sh(dvc + ["repro", "evaluate"], repo, env)) == ["evaluate@erm", "evaluate@iga", "evaluate@iga-paper"]

@@ -1,0 +1,249 @@
+"""The experiment's tasks: one (run, seed) trained and evaluated, each method's cost on one batch, the tables.
+
+A run's result file records a hash of everything its numbers depend on; a re-run of the flow skips
+every (run, seed) whose file matches (as DomainBed's sweeps skip finished jobs), so a killed matrix
+resumes where it stopped and a changed run reruns alone.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import resource
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+import iga.answers
+import iga.evaluate
+import iga.experiment
+from iga.errors import DataError
+from iga.evaluate import accuracy_report, generate, lcs, score
+from iga.experiment import complete_groups, held_out, run_domains, train_units
+from iga.io import atomic_write_text, read_jsonl, write_json
+from iga.methods import build_method
+from iga.params import Params, TrainParams
+from iga.report import RunResult, write_report
+from iga.sft import collate, encode_groups
+from iga.split import split
+from iga.student import load_student
+from iga.tables import table1_with_verdicts, table2, table3
+from iga.train import train, trainable
+from tasks import tracking
+from tasks.paths import (ACCEPTED, BASE_MODEL, EXPERIMENT, EXPERIMENT_REPORT, TABLES, experiment_checkpoints,
+                         experiment_result)
+from tasks.train import NOT_IN_FINGERPRINT, TRAINING_CODE, batcher, resolve_device, summarize
+
+_CODE = (*TRAINING_CODE, iga.experiment, iga.evaluate, iga.answers)
+PARENT = EXPERIMENT / "parent.json"
+COST = EXPERIMENT / "cost.json"
+
+
+def run_train_params(params: Params, seed: int) -> TrainParams:
+    return dataclasses.replace(params.train, seed=seed, steps=params.experiment.steps)
+
+
+def params_hash(params: Params, name: str, seed: int, data_md5: str) -> str:
+    """Everything a (run, seed)'s numbers depend on, the compute code included."""
+    run = params.experiment.runs[name]
+    train = {k: v for k, v in dataclasses.asdict(run_train_params(params, seed)).items()
+             if k not in NOT_IN_FINGERPRINT}
+    ex = params.experiment
+    spec = {"run": dataclasses.asdict(run), "method": dataclasses.asdict(params.methods[run.method]),
+            "student": dataclasses.asdict(params.student), "lora": dataclasses.asdict(params.lora), "train": train,
+            "domains": dataclasses.asdict(params.domains), "split": dataclasses.asdict(params.split),
+            "eval": {"groups": ex.eval_groups, "max_new_tokens": ex.max_new_tokens, "dtype": params.eval.dtype,
+                     "batch_size": params.eval.batch_size},
+            "data": data_md5, "code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in _CODE)).hexdigest()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _splits(params: Params, unit: str) -> dict[str, list[dict[str, Any]]]:
+    parts, _ = split(read_jsonl(ACCEPTED), dataclasses.replace(params.split, unit=unit), params.domains)
+    return parts
+
+
+def _evaluation_sets(params: Params, unit: str) -> tuple[list, list, list]:
+    """ID and OOD rows of the run's own split, and the seed-level held-out groups LCS is measured on
+    (an instance-level split has few complete test groups, and every run's LCS is comparable this way)."""
+    ex, source = params.experiment, str(ACCEPTED)
+    seed_level = _splits(params, "seed")
+    lcs_rows, _ = held_out(complete_groups(seed_level["test"], params.domains.train), seed_level["ood"],
+                           ex.eval_groups, source)
+    if unit == "seed":
+        return (*held_out(seed_level["test"], seed_level["ood"], ex.eval_groups, source), lcs_rows)
+    parts = _splits(params, unit)  # as many rows as a seed-level run gets, in a fixed order
+    first = lambda rows, n: sorted(rows, key=lambda r: (r["seed_id"], r["domain"]))[:n]  # noqa: E731
+    return (first(parts["test"], ex.eval_groups * len(params.domains.train)),
+            first(parts["ood"], ex.eval_groups * len(params.domains.ood)), lcs_rows)
+
+
+@task(cache_policy=NO_CACHE)
+def open_parent(params: Params) -> str:
+    """The experiment's parent MLflow run: the one recorded in experiments/parent.json when it exists
+    (a resumed matrix keeps its children together), else a new one."""
+    mlflow = tracking.mlflow_module()
+    if PARENT.is_file():
+        run_id = json.loads(PARENT.read_text())["mlflow_run_id"]
+        try:
+            mlflow.MlflowClient().get_run(run_id)
+            return run_id
+        except mlflow.exceptions.MlflowException:
+            get_run_logger().warning("%s names MLflow run %s, which this tracking server lacks; starting a new one",
+                                     PARENT, run_id)
+    with mlflow.start_run(run_name="experiment") as run:
+        mlflow.set_tags({"git_commit": tracking.git_commit(), "experiment": "parent"})
+        mlflow.log_params(tracking.flat_params("experiment", {k: v for k, v in dataclasses.asdict(params.experiment)
+                                                              .items() if k != "runs"}))
+    write_json(PARENT, {"mlflow_run_id": run.info.run_id})
+    return run.info.run_id
+
+
+@task(cache_policy=NO_CACHE)
+def run_one(params: Params, name: str, seed: int, parent_run_id: str) -> dict[str, Any]:
+    """Train `name` with `seed` for experiment.steps and evaluate it; skipped when already done."""
+    log = get_run_logger()
+    data_md5 = tracking.data_hash(ACCEPTED)
+    key, path = params_hash(params, name, seed, data_md5), experiment_result(name, seed)
+    if path.is_file() and json.loads(path.read_text()).get("params_hash") == key:
+        log.info("%s seed %d: done (params hash %s), skipped", name, seed, key)
+        return json.loads(path.read_text())
+    run, tp, ex = params.experiment.runs[name], run_train_params(params, seed), params.experiment
+    torch.set_num_threads(tp.threads)
+    device = resolve_device(tp.device)
+    domains = run_domains(run, params.domains.train)
+    train_rows = complete_groups(_splits(params, run.split)["train"], params.domains.train)
+    units = train_units(train_rows, run, params.domains.train, seed, str(ACCEPTED))
+    model, tokenizer = load_student(BASE_MODEL, params.lora, params.student.dtype, seed=seed)
+    model.to(device)
+    encoded, too_long = encode_groups(tokenizer, units, tp.max_length)
+    if not encoded:
+        raise DataError(f"{ACCEPTED}: run {name} has no training unit within train.max_length = {tp.max_length}")
+    per_batch = tp.groups_per_batch * len(params.domains.train) // len(encoded[0])  # same sequences for every run
+    micro_batches = batcher(encoded, tp, per_batch, tokenizer.pad_token_id)
+    method = build_method(params.methods[run.method], model, domains)
+    n_trainable = sum(p.numel() for p in trainable(model).values())
+    mlflow = tracking.mlflow_module()
+    t0 = time.perf_counter()
+    with mlflow.start_run(run_name=f"{name}/seed{seed}", parent_run_id=parent_run_id) as child:
+        mlflow.log_params({"run": name, "seed": seed, **tracking.flat_params("run", run),
+                           **tracking.flat_params("method", params.methods[run.method]),
+                           **tracking.flat_params("train", tp)})
+        mlflow.set_tags({"git_commit": tracking.git_commit(), "data_md5": data_md5, "params_hash": key})
+        history = train(model, method, micro_batches, tp, experiment_checkpoints(name, seed), key, device,
+                        on_step=lambda r: mlflow.log_metrics({k: v for k, v in r.items() if k != "step"},
+                                                             step=int(r["step"])))
+        train_s = time.perf_counter() - t0
+        id_rows, ood_rows, lcs_rows = _evaluation_sets(params, run.split)
+        model = model.merge_and_unload().to(device, getattr(torch, params.eval.dtype))
+        completions = generate(model, tokenizer, [r["problem"] for r in id_rows + ood_rows], ex.max_new_tokens,
+                               params.eval.batch_size)
+        hits = score(id_rows + ood_rows, completions)
+        metrics = accuracy_report(id_rows, hits[:len(id_rows)], ood_rows, hits[len(id_rows):])
+        metrics |= lcs(model, tokenizer, lcs_rows, params.domains.train, ex.eval_groups, str(ACCEPTED))
+        summary = summarize(name, history, {"units_train": len(encoded), "units_too_long": too_long,
+                                            "trainable_parameters": n_trainable,
+                                            "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s})
+        mlflow.log_metrics({"id_accuracy": metrics["id_accuracy"], "ood_accuracy": metrics["ood_accuracy"],
+                            "delta_gap": metrics["delta_gap"], "train_s": train_s, "eval_s": summary["eval_s"],
+                            "lcs_normalized": metrics["lcs"]["penultimate"]["normalized"]})
+        result = {"run": name, "seed": seed, "params_hash": key, "mlflow_run_id": child.info.run_id,
+                  "eval": metrics, "train": summary, "history": history}
+    write_json(path, result)
+    shutil.rmtree(experiment_checkpoints(name, seed))  # the result is written: nothing left to resume
+    log.info("%s seed %d: ID %.3f, OOD %.3f, LCS %.4f (train %.0f s, eval %.0f s)", name, seed,
+             metrics["id_accuracy"], metrics["ood_accuracy"], metrics["lcs"]["penultimate"]["normalized"], train_s,
+             summary["eval_s"])
+    return result
+
+
+def _cost_of(params: Params, method_name: str) -> dict[str, Any]:
+    """In a fresh process: a method's step time on the first isomer batch, and its peak memory."""
+    ex, tp = params.experiment, params.train
+    torch.set_num_threads(tp.threads)
+    device = resolve_device(tp.device)
+    model, tokenizer = load_student(BASE_MODEL, params.lora, params.student.dtype, seed=tp.seed)
+    model.to(device)
+    rows = complete_groups(_splits(params, "seed")["train"], params.domains.train)
+    units = train_units(rows, params.experiment.runs["erm"], params.domains.train, tp.seed, str(ACCEPTED))
+    encoded, _ = encode_groups(tokenizer, units, tp.max_length)
+    batch = collate(encoded[:tp.groups_per_batch], tokenizer.pad_token_id, seed=0).to(device)
+    method = build_method(params.methods[method_name], model, params.domains.train)
+    params_ = list(trainable(model).values())
+    before = _rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    times = []
+    for i in range(ex.cost_steps + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        method.step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+        for p in params_:
+            p.grad = None
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
+    return {"method": method_name, "step_time_s": statistics.median(times), "step_times_s": times,
+            "peak_mb": peak - before, "device": device.type, "sequences": batch.input_ids.shape[0],
+            "tokens": int(batch.attention_mask.sum())}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@task(cache_policy=NO_CACHE)
+def measure_cost(params: Params) -> dict[str, Any]:
+    """Table 3: each of Table 1's methods on the same batch, one after the other, each in its own process
+    (so its peak memory is its own), with the model, data and batch identical."""
+    methods = list(dict.fromkeys(params.experiment.runs[r].method for r in params.experiment.table1))
+    context = multiprocessing.get_context("spawn")
+    costs = {}
+    for m in methods:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            costs[m] = pool.submit(_cost_of, params, m).result()
+        get_run_logger().info("%s: %.2f s per step, peak +%.0f MB", m, costs[m]["step_time_s"], costs[m]["peak_mb"])
+    result = {"methods": costs, "runs": {r: params.experiment.runs[r].method for r in params.experiment.table1}}
+    write_json(COST, result)
+    return result
+
+
+@task(cache_policy=NO_CACHE)
+def write_tables(params: Params, results: list[dict[str, Any]], cost: dict[str, Any], parent_run_id: str
+                 ) -> list[Path]:
+    """reports/table1.md, table2.md, table3.md and reports/experiment/ (Table 1's runs, figures)."""
+    ex = params.experiment
+    runs = [RunResult(r["run"], r["seed"], r["eval"], r["train"], r["history"]) for r in results]
+    by_name = {name: [r for r in runs if r.method == name] for name in dict.fromkeys(ex.table1 + ex.table2)}
+    t1 = [r for name in ex.table1 for r in by_name[name]]
+    scale = (f"{ex.steps} steps x {params.train.groups_per_batch * len(params.domains.train)} sequences per run, "
+             f"{len(ex.seeds)} seeds ({', '.join(map(str, ex.seeds))}), {ex.eval_groups} held-out seeds "
+             f"({ex.eval_groups * len(params.domains.train)} ID / {ex.eval_groups * len(params.domains.ood)} OOD "
+             f"problems), max_new_tokens {ex.max_new_tokens}, student {params.student.base}")
+    written = write_report(EXPERIMENT_REPORT, t1, title="Experiment: Table 1's runs", notes=[scale])
+    run_s = sum(r.train["train_s"] + r.train["eval_s"] for r in runs)  # training + evaluation, all runs
+    texts = {1: table1_with_verdicts(t1, reference="iga", scale=scale, run_s=run_s),
+             2: table2([r for r in runs if r.method == "iga"], {n: by_name[n] for n in ex.table2}, ex.runs,
+                       scale=scale),
+             3: table3(cost)}
+    for n, text in texts.items():
+        atomic_write_text(TABLES[n], text)
+    mlflow = tracking.mlflow_module()
+    for path in [*TABLES.values(), *written]:
+        mlflow.MlflowClient().log_artifact(parent_run_id, str(path), "report")
+    return [*TABLES.values(), *written]
