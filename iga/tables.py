@@ -10,7 +10,7 @@ import statistics
 from typing import Any, Callable
 
 from iga.params import RunConfig
-from iga.report import LEGEND, RunResult, _by_method, _markdown, _table1
+from iga.report import RunResult, _by_method, _markdown, _table1
 
 # (header, value, sign: +1 when higher is better)
 COMPARED: tuple[tuple[str, Callable[[dict[str, Any]], float], int], ...] = (
@@ -60,7 +60,7 @@ def table1_with_verdicts(runs: list[RunResult], reference: str, scale: str, run_
     total = sum(counts.values())
     return "\n\n".join([
         "# Table 1: IGA against the baselines", f"*{scale}. Training and evaluation of all runs of "
-        f"Tables 1 and 2 took {run_s / 60:.0f} min on this machine.*", _table1(groups), LEGEND,
+        f"Tables 1 and 2 took {run_s / 60:.0f} min on this machine.*", _table1(groups),
         f"## Where {reference} wins, ties or loses",
         f"Against the {len(groups) - 1} other methods on {len(COMPARED)} metrics: **{counts['win']} wins, "
         f"{counts['tie']} ties, {counts['loss']} losses** of {total} comparisons. Difference = {reference} − other "

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
-import resource
 import shutil
 import statistics
 import time
@@ -199,12 +198,18 @@ def _cost_of(params: Params, method_name: str) -> dict[str, Any]:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    return _status_mb("VmRSS")
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    # VmHWM, not getrusage's ru_maxrss: a spawned child inherits its parent's ru_maxrss across fork and
+    # exec (every method then "peaked" at the flow's own 8 GB), while VmHWM starts afresh with exec.
+    return _status_mb("VmHWM")
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024  # kB
 
 
 @task(cache_policy=NO_CACHE)
