@@ -23,7 +23,7 @@ def lifecycle_flow(params_path: str = str(PARAMS_FILE)) -> str:
     reproduce()
     results = collect(params)
     registry = register(params, results)
-    return summary(results, registry, report(results, registry))
+    return summary(results, registry, report(params, results, registry))
 
 
 def serve(params_path: str = str(PARAMS_FILE)) -> None:

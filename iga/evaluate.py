@@ -1,22 +1,24 @@
-"""Evaluation of a student (paper App. B and D): greedy-decoded accuracy and the Logical Consistency Score.
+"""Evaluation of a student (paper App. B and D): greedy-decoded accuracy, the teacher-forced NLL of
+the gold solutions, and the Logical Consistency Score.
 
 Accuracy: the final `Answer:` line of a greedy completion, exact match after normalisation.
+NLL: the mean per-token negative log-likelihood of a problem's gold CoT + answer given its prompt,
+with training's own encoding, masking and loss: a continuous, paired score that needs no generation.
 LCS: for each held-out isomer group, the trace of the covariance of its domain variants'
-token-averaged hidden states; low LCS = the student represents the isomers alike.
+token-averaged hidden states; low LCS = the student represents the isomers alike. NLL and LCS come
+from the same teacher-forced pass.
 """
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
 from iga.answers import extract_answer, normalize_answer
-from iga.errors import DataError
-from iga.report import DEPTHS
-from iga.sft import encode, isomer_groups, prompt_text
+from iga.methods import forward_losses
+from iga.scores import DEPTHS
+from iga.sft import collate, encode, isomer_groups, prompt_text
 
 
 def depth_layers(n_layers: int) -> dict[str, int]:
@@ -84,18 +86,44 @@ def score(rows: list[dict[str, Any]], completions: list[str]) -> list[bool]:
             for r, c in zip(rows, completions)]
 
 
-def accuracy_report(id_rows: list[dict[str, Any]], id_hits: list[bool], ood_rows: list[dict[str, Any]],
-                    ood_hits: list[bool]) -> dict[str, Any]:
-    """ID and OOD accuracy, Δ-Gap = ID − OOD, and accuracy per domain."""
-    if not id_rows or not ood_rows:
-        raise DataError(f"an empty evaluation set: {len(id_rows)} ID rows and {len(ood_rows)} OOD rows")
-    by_domain: dict[str, list[bool]] = defaultdict(list)
-    for r, hit in zip(id_rows + ood_rows, id_hits + ood_hits):
-        by_domain[r["domain"]].append(hit)
-    id_acc, ood_acc = statistics.fmean(id_hits), statistics.fmean(ood_hits)
-    return {"id_accuracy": id_acc, "ood_accuracy": ood_acc, "delta_gap": id_acc - ood_acc,
-            "n_id": len(id_rows), "n_ood": len(ood_rows),
-            "domain_accuracy": {d: statistics.fmean(h) for d, h in by_domain.items()}}  # ID domains, then OOD
+@torch.no_grad()
+def teacher_forced(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int,
+                   layers: Iterable[int] = (), skip: list[int | None] | None = None,
+                   on_batch: Callable[[int], None] = lambda n: None
+                   ) -> tuple[list[tuple[float, int]], list[dict[int, Tensor] | None]]:
+    """One forward pass per batch (rows of similar length) over each row's prompt + gold CoT, with
+    training's encoding and loss (`encode`, `forward_losses`): each row's completion NLL (sum over
+    its tokens, their count) and, where `skip[i]` is not None, its hidden states at `layers`
+    averaged over its tokens from position `skip[i]` on (LCS)."""
+    layers = sorted(set(layers))
+    skip = skip or [None] * len(rows)
+    encoded = [encode(tokenizer, r["problem"], r["cot_solution"]) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(encoded[i].input_ids), reverse=True)
+    nll: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    states: list[dict[int, Tensor] | None] = [None] * len(rows)
+    model.eval()
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate([[encoded[i]] for i in idx], tokenizer.pad_token_id, seed=0).to(device)
+        want = bool(layers) and any(skip[i] is not None for i in idx)
+        sums, counts, hidden = forward_losses(model, batch, hidden_states=want)
+        for j, i in enumerate(idx):
+            nll[i] = (float(sums[j]), int(counts[j]))
+            if want and skip[i] is not None:
+                span = slice(skip[i], len(encoded[i].input_ids))  # right padding: the row's own tokens
+                states[i] = {layer: hidden[layer][j, span].float().mean(dim=0) for layer in layers}
+        on_batch(len(idx))
+    return nll, states
+
+
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """Tokens every sequence of an isomer group opens with (chat template, system prompt): a causal
+    model's states there are identical across the group, so LCS leaves them out."""
+    shared = 0
+    while all(len(s) > shared + 1 for s in seqs) and len({s[shared] for s in seqs}) == 1:
+        shared += 1
+    return shared
 
 
 def trace_cov(states: Tensor) -> float:
@@ -104,45 +132,62 @@ def trace_cov(states: Tensor) -> float:
     return float(centred.pow(2).sum(dim=1).mean())
 
 
-@torch.no_grad()
-def group_states(model: Any, tokenizer: Any, group: list[dict[str, Any]], layers: Iterable[int]) -> dict[int, Tensor]:
-    """Each variant's hidden states at `layers`, averaged over its own tokens.
-
-    The chat template and system prompt open every variant alike, and a causal model's states
-    there are identical across the group, so the shared token prefix is left out of the average.
-    """
-    seqs = [encode(tokenizer, r["problem"], r["cot_solution"]).input_ids for r in group]
-    shared = 0
-    while all(len(s) > shared + 1 for s in seqs) and len({s[shared] for s in seqs}) == 1:
-        shared += 1
-    width = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-    hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    own = mask.clone()
-    own[:, :shared] = 0
-    weights = (own / own.sum(dim=1, keepdim=True)).unsqueeze(-1).float()
-    return {layer: (hidden[layer].float() * weights).sum(dim=1) for layer in layers}
+def lcs_record(group: list[dict[str, Any]], states: list[dict[int, Tensor]], layers: dict[str, int]) -> dict[str, Any]:
+    """One isomer group's LCS at each depth, raw and on L2-normalised states."""
+    record: dict[str, Any] = {"group_id": group[0]["group_id"], "seed_id": group[0]["seed_id"]}
+    for name in DEPTHS:
+        h = torch.stack([s[layers[name]] for s in states])
+        record[name] = {"raw": trace_cov(h), "normalized": trace_cov(torch.nn.functional.normalize(h, dim=1))}
+    return record
 
 
-def lcs(model: Any, tokenizer: Any, rows: list[dict[str, Any]], domains: tuple[str, ...], max_groups: int,
-        source: str, on_group: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
-    """LCS at four depths, raw and on L2-normalised states, over up to `max_groups` held-out groups."""
-    groups = isomer_groups(rows, domains, source)[:max_groups]
-    n_layers = model.config.num_hidden_layers
-    layers = depth_layers(n_layers)
-    raw: dict[str, list[float]] = defaultdict(list)
-    normed: dict[str, list[float]] = defaultdict(list)
-    model.eval()
-    for group in groups:
-        states = group_states(model, tokenizer, group, set(layers.values()))
-        for name, layer in layers.items():
-            h = states[layer]
-            raw[name].append(trace_cov(h))
-            normed[name].append(trace_cov(torch.nn.functional.normalize(h, dim=1)))
-        on_group(1)
-    return {"lcs": {name: {"layer": layers[name], "raw": statistics.fmean(raw[name]),
-                           "normalized": statistics.fmean(normed[name])} for name in DEPTHS},
-            "lcs_groups": len(groups)}
+Progress = Callable[[str, int], Callable[[int], None]]  # (what, total) -> advance by n
+
+
+def evaluate_student(model: Any, tokenizer: Any, test: list[dict[str, Any]], ood: list[dict[str, Any]],
+                     external: dict[str, list[dict[str, Any]]], train_domains: tuple[str, ...], *,
+                     to_generate: set[tuple[str, str]] | None, max_new_tokens: int, batch_size: int,
+                     nll_batch_size: int, lcs_groups: int, source: str, lcs_rows: list[dict[str, Any]] | None = None,
+                     progress: Progress = lambda what, total: lambda n: None) -> dict[str, Any]:
+    """Score a (merged) student on the held-out sets: NLL of every test and OOD row, greedy accuracy of
+    the rows whose (group_id, domain) is in `to_generate` (None: every row) and of every external
+    problem, and LCS over the
+    first `lcs_groups` isomer groups of `lcs_rows` (default: the test rows). Returns the evaluation
+    (`scores`, `lcs`; iga.scores), the LCS layers and one completion record per generated problem."""
+    from iga.external import extract_prediction, is_correct
+    from iga.scores import score_records
+
+    held_out = {"test": test, "ood": ood}
+    key = lambda r: (r["group_id"], r["domain"])  # noqa: E731
+    chosen = {name: [r for r in rows if to_generate is None or key(r) in to_generate]
+              for name, rows in held_out.items()} | external
+    problems = [r["problem"] for rows in chosen.values() for r in rows]
+    flat = iter(generate(model, tokenizer, problems, max_new_tokens, batch_size,
+                         on_batch=progress("generating", len(problems))))
+    done = {name: [next(flat) for _ in rows] for name, rows in chosen.items()}  # one call: fuller batches
+
+    # NLL of every held-out row and the LCS states of the chosen groups, from one teacher-forced pass
+    layers = depth_layers(model.config.num_hidden_layers)
+    groups = isomer_groups(test if lcs_rows is None else lcs_rows, train_domains, source)[:lcs_groups] \
+        if lcs_groups else []
+    skip = {key(r): shared_prefix(seqs) for g in groups
+            for seqs in [[encode(tokenizer, x["problem"], x["cot_solution"]).input_ids for x in g]] for r in g}
+    rows = test + ood
+    rows += [r for g in groups for r in g if key(r) not in {key(x) for x in rows}]
+    nll, states = teacher_forced(model, tokenizer, rows, nll_batch_size, layers.values(), [skip.get(key(r)) for r in rows],
+                                 on_batch=progress("NLL and LCS", len(rows)))
+    by_key = {key(r): i for i, r in enumerate(rows)}
+
+    scores, completions = [], []
+    for name, part in held_out.items():
+        correct = {key(r): hit for r, hit in zip(chosen[name], score(chosen[name], done[name]))}
+        scores += score_records(name, part, [correct.get(key(r)) for r in part], [nll[by_key[key(r)]] for r in part])
+        completions += [{"set": name, "id": f"{r['group_id']}/{r['domain']}", "gold": r["answer"],
+                         "predicted": extract_answer(c), "completion": c} for r, c in zip(chosen[name], done[name])]
+    for name, part in external.items():
+        preds = [extract_prediction(name, c) for c in done[name]]
+        scores += score_records(name, part, [is_correct(name, p, r["answer"]) for p, r in zip(preds, part)])
+        completions += [{"set": name, "id": r["id"], "gold": r["answer"], "predicted": p, "completion": c}
+                        for r, p, c in zip(part, preds, done[name])]
+    consistency = [lcs_record(g, [states[by_key[key(r)]] for r in g], layers) for g in groups]
+    return {"scores": scores, "lcs": consistency, "lcs_layers": layers, "completions": completions}

@@ -21,11 +21,23 @@ from iga.sft import IGNORE, Batch
 
 def token_losses(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     """Per-row sum of next-token losses over labelled tokens, and their count."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    sums, counts, _ = forward_losses(model, batch)
+    return sums, counts
+
+
+def forward_losses(model: nn.Module, batch: Batch, hidden_states: bool = False
+                   ) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+    """`token_losses`, and every layer's hidden states when asked. The vocabulary projection runs only
+    at the positions that predict a labelled token (the completion), not over the whole prompt."""
     labels = batch.labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="none").view(labels.shape)
-    return loss.sum(dim=1), (labels != IGNORE).sum(dim=1)
+    labelled = labels != IGNORE
+    keep = torch.cat([labelled, labelled.new_zeros(labelled.shape[0], 1)], dim=1)  # position t predicts token t + 1
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
+                output_hidden_states=hidden_states)
+    loss = F.cross_entropy(out.logits.float(), labels[labelled], reduction="none")  # (labelled tokens,)
+    rows = labelled.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=loss.dtype, device=loss.device).index_add(0, rows, loss)
+    return sums, labelled.sum(dim=1), out.hidden_states if hidden_states else None
 
 
 def domain_means(sums: Tensor, counts: Tensor, n_domains: int) -> Tensor:

@@ -66,7 +66,8 @@ class TeacherParams:
     provider: Literal["procedural", "openai"]
     seed: int
     flaw_rate: float  # procedural: mean probability that an attempt has a mistake
-    shortcut_rate: float  # procedural: P(a training-domain yes/no question ends with its domain's cue for its answer)
+    shortcut_rate: float  # procedural: P(a yes/no question ends with its domain's hint at its answer)
+    ood_cue: Literal["none", "reversed"]  # procedural: held-out domains carry no hint, or a hint at the wrong answer
     chunk_size: int  # seeds (or regeneration requests) per Prefect task
     task_retries: int  # Prefect retries of a chunk that crashed
     mode: Literal["online", "batch"]  # openai: concurrent calls, or the Batch API (half price, hours)
@@ -123,7 +124,8 @@ class TrainParams:
     beta2: float
     warmup_frac: float  # linear warm-up fraction, then cosine decay to 0
     threads: int  # torch.set_num_threads
-    device: Literal["auto", "cpu", "cuda"]  # cuda also turns on bf16 autocast
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["auto", "float32", "bfloat16"]  # bf16 autocast; auto: where the hardware has native bf16
     checkpoint_every: int  # steps
 
 
@@ -200,7 +202,7 @@ class RunConfig:
 class ExperimentParams:
     seeds: tuple[int, ...]  # train.seed of each repeat (LoRA init, batch order); the data split stays fixed
     steps: int  # optimizer steps per run
-    eval_groups: int  # held-out test seeds per run: their ID instances, OOD instances and isomer groups (LCS)
+    eval_groups: int  # held-out test seeds whose ID and OOD problems each run generates (NLL, LCS: every test seed)
     max_new_tokens: int  # greedy decoding budget per completion
     cost_steps: int  # table 3: timed steps per method on one batch, after one warm-up step
     table1: tuple[str, ...]  # keys of runs: the methods table
@@ -215,9 +217,10 @@ class ExternalParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    dtype: Literal["float32", "bfloat16"]  # of the merged student during evaluation
+    dtype: Literal["auto", "float32", "bfloat16"]  # of the merged student; auto: bf16 where native (iga/hardware.py)
     max_new_tokens: int  # greedy decoding budget per completion (paper: 512)
     batch_size: int  # sequences decoded together
+    nll_batch_size: int  # sequences per teacher-forced forward pass (NLL, LCS)
     lcs_groups: int  # held-out isomer groups for the Logical Consistency Score (paper: 500)
     threads: int  # torch.set_num_threads
     external: dict[str, ExternalParams]  # keys of iga.external.BENCHMARKS
@@ -226,6 +229,10 @@ class EvalParams:
 @dataclass(frozen=True)
 class RegistryParams:
     model_name: str  # the MLflow registered model every trained adapter becomes a version of
+    primary_metric: Literal["ood_accuracy", "ood_nll"]  # what promotion compares, problem by problem
+    alpha: float  # level of the one-sided paired test a challenger must pass (Holm-corrected across challengers)
+    min_delta: float  # the smallest improvement worth a promotion, in the metric's units (fraction; nats/token)
+    baseline: str  # with no champion yet, this method's version is the incumbent the others must beat
 
 
 @dataclass(frozen=True)
@@ -394,13 +401,17 @@ def _validate(p: Params) -> None:
     _check(0 <= tr.beta1 < 1 and 0 <= tr.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)", (tr.beta1, tr.beta2))
     _check(0.0 <= tr.warmup_frac < 1.0, "train.warmup_frac", "must be in [0, 1)", tr.warmup_frac)
     ev = p.eval
-    for key in ("max_new_tokens", "batch_size", "lcs_groups", "threads"):
+    for key in ("max_new_tokens", "batch_size", "nll_batch_size", "lcs_groups", "threads"):
         _check(getattr(ev, key) >= 1, f"eval.{key}", "must be >= 1", getattr(ev, key))
     for name, ext in ev.external.items():
         _check(name in BENCHMARKS, f"eval.external.{name}", f"is not a known benchmark {list(BENCHMARKS)}", name)
         _check(ext.limit >= 0, f"eval.external.{name}.limit", "must be >= 0", ext.limit)
     _validate_experiment(p)
-    _check(bool(p.registry.model_name.strip()), "registry.model_name", "must not be empty", p.registry.model_name)
+    rg = p.registry
+    _check(bool(rg.model_name.strip()), "registry.model_name", "must not be empty", rg.model_name)
+    _check(0 < rg.alpha < 1, "registry.alpha", "must be in (0, 1)", rg.alpha)
+    _check(rg.min_delta >= 0, "registry.min_delta", "must be >= 0", rg.min_delta)
+    _check(rg.baseline in p.methods, "registry.baseline", f"must be a key of methods ({sorted(p.methods)})", rg.baseline)
     _check(len(p.schedule.cron.split()) == 5, "schedule.cron", "must have five fields (min hour day month weekday)",
            p.schedule.cron)
 

@@ -16,27 +16,34 @@ from typing import Any, Callable, Iterable, Sequence
 
 from iga.errors import DataError
 from iga.io import atomic_file, atomic_write_text
+from iga.scores import DEPTHS, Evaluation, compare, detectable
 
-DEPTHS = ("quarter", "half", "three_quarters", "penultimate")  # LCS depths (paper Table 5), iga.evaluate
 EXTERNAL = {"gsm8k": "GSM8K", "math_id": "MATH-ID", "math_ood": "MATH-OOD"}
 MASK_STATS = ("mask_mean", "mask_frac_below_half", "vhat_mean")
 DASH = "–"
-LEGEND = ("*Δ-Gap = ID − OOD accuracy, lower is better. LCS (Logical Consistency Score) at the penultimate "
-          "layer: trace of the covariance of an isomer group's hidden states, lower = more consistent; "
-          "normalised = on L2-normalised states. Accuracies in %; with several seeds, mean ± sample std.*")
+LEGEND = ("*Each figure with its 95 % interval [lo, hi]: percentile bootstrap over test seeds (and over training "
+          "seeds when there are several), iga/stats.py. Accuracies and Δ-Gap in %. Δ-Gap = ID − OOD accuracy and "
+          "NLL gap = OOD − ID NLL, each within a test seed, then averaged: positive = worse out of domain; a negative "
+          "gap is not better than zero (|gap| ranks methods). NLL = mean per-token negative log-likelihood of the "
+          "gold CoT + answer (nats). LCS (Logical Consistency Score) at the penultimate layer: trace of the "
+          "covariance of an isomer group's hidden states, lower = more consistent; normalised = on L2-normalised "
+          "states.*")
 
-EVAL_KEYS = ("id_accuracy", "ood_accuracy", "delta_gap", "domain_accuracy",
+EVAL_KEYS = ("id_accuracy", "ood_accuracy", "delta_gap", "domain_accuracy", "ci",
              *(f"lcs.{depth}.{field}" for depth in DEPTHS for field in ("layer", "raw", "normalized")))
 TRAIN_KEYS = ("loss_first_quarter", "loss_last_quarter", "step_time_s_median")
 HISTORY_KEYS = ("step", "loss")
 
-# (header, value from the eval metrics, decimals); LCS at the penultimate depth, as in the paper.
-TABLE1_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], float], int], ...] = (
-    ("ID acc.", lambda e: 100 * e["id_accuracy"], 1),
-    ("OOD acc.", lambda e: 100 * e["ood_accuracy"], 1),
-    ("Δ-Gap", lambda e: 100 * e["delta_gap"], 1),
-    ("LCS (normalised)", lambda e: e["lcs"]["penultimate"]["normalized"], 3),
-    ("LCS (raw)", lambda e: e["lcs"]["penultimate"]["raw"], 2),
+# (header, figure name in the metrics and their `ci`, display scale, decimals); LCS at the penultimate depth.
+TABLE1_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
+    ("ID acc.", "id_accuracy", 100, 1),
+    ("OOD acc.", "ood_accuracy", 100, 1),
+    ("Δ-Gap", "delta_gap", 100, 1),
+    ("NLL ID", "nll_id", 1, 3),
+    ("NLL OOD", "nll_ood", 1, 3),
+    ("NLL gap", "nll_gap", 1, 3),
+    ("LCS (normalised)", "lcs.penultimate.normalized", 1, 3),
+    ("LCS (raw)", "lcs.penultimate.raw", 1, 1),
 )
 # (header, train-metrics key, decimals)
 TRAIN_COLUMNS = (("Loss (first ¼)", "loss_first_quarter", 3), ("Loss (last ¼)", "loss_last_quarter", 3),
@@ -54,31 +61,39 @@ class RunResult:
 
 
 Groups = dict[str, list[RunResult]]  # method -> its runs, methods in order of first appearance
+Summaries = dict[str, dict[str, Any]]  # method -> its figures over all its runs, with `ci` (iga.scores.summarize)
 
 
-def table1(runs: list[RunResult]) -> str:
-    """The paper's Table 1 in Markdown, one row per method, and a one-line legend below it."""
-    _check(runs)
-    return _table1(_by_method(runs))
-
-
-def write_report(out_dir: Path, runs: list[RunResult], *, title: str = "IGA lifecycle report",
-                 notes: Sequence[str] = ()) -> list[Path]:
-    """Write the figures and then `summary.md` into `out_dir`; return the files written, summary last."""
-    _check(runs)
+def table1(runs: list[RunResult], summaries: Summaries | None = None) -> str:
+    """The paper's Table 1 in Markdown, one row per method with 95 % intervals, and a legend below it."""
     groups = _by_method(runs)
+    return results_table(_summaries(groups, summaries))
+
+
+def write_report(out_dir: Path, runs: list[RunResult], *, summaries: Summaries | None = None,
+                 evaluations: dict[str, list[Evaluation]] | None = None, title: str = "IGA lifecycle report",
+                 notes: Sequence[str] = ()) -> list[Path]:
+    """Write the figures and then `summary.md` into `out_dir`; return the files written, summary last.
+
+    `summaries` are each method's figures over all its runs; without them every method must have one
+    run, whose own evaluation (with its intervals) is the summary. With `evaluations` (each method's
+    per-problem scores, one per training seed) the report adds every method's paired difference from
+    the first method and the smallest difference this evaluation can detect."""
+    groups = _by_method(runs)
+    summ = _summaries(groups, summaries)
     out_dir = Path(out_dir)
     written: list[Path] = []
     for name, (_, draw) in FIGURES.items():
         path = out_dir / name
-        fig = draw(groups)
+        fig = draw(groups, summ)
         if fig is None:
             path.unlink(missing_ok=True)  # a stale one from an earlier report would pass for current
             continue
         _save(fig, path)
         written.append(path)
     summary = out_dir / "summary.md"
-    atomic_write_text(summary, _summary(title, groups, notes, {p.name for p in written}))
+    paired = paired_sections(evaluations) if evaluations and len(evaluations) > 1 else []
+    atomic_write_text(summary, _summary(title, groups, summ, notes, {p.name for p in written}, paired))
     return [*written, summary]
 
 
@@ -96,7 +111,7 @@ def _check(runs: list[RunResult]) -> None:
         seen.add((run.method, run.seed))
         for part, data, keys in (("eval", run.eval, EVAL_KEYS), ("train", run.train, TRAIN_KEYS)):
             for key in keys:
-                if not _has(data, key):
+                if _get(data, key) is None:
                     raise DataError(f"{where}: {part} metrics lack '{key}'")
         for i, row in enumerate(run.history):
             for key in HISTORY_KEYS:
@@ -104,90 +119,152 @@ def _check(runs: list[RunResult]) -> None:
                     raise DataError(f"{where}: history row {i} lacks '{key}'")
 
 
-def _has(data: Any, dotted: str) -> bool:
+def _get(data: Any, dotted: str) -> Any:
+    """`data["a"]["b"]` for "a.b"; None when any part is missing."""
     for part in dotted.split("."):
         if not isinstance(data, dict) or part not in data:
-            return False
+            return None
         data = data[part]
-    return True
+    return data
 
 
 def _by_method(runs: Iterable[RunResult]) -> Groups:
+    runs = list(runs)
+    _check(runs)
     groups: Groups = {}
     for run in runs:
         groups.setdefault(run.method, []).append(run)
     return groups
 
 
+def _summaries(groups: Groups, summaries: Summaries | None) -> Summaries:
+    if summaries is not None:
+        missing = [m for m in groups if m not in summaries]
+        if missing:
+            raise DataError(f"no summary for method(s) {missing}")
+        return {m: summaries[m] for m in groups}
+    several = [m for m, runs in groups.items() if len(runs) > 1]
+    if several:
+        raise DataError(f"{several}: several seeds per method need their combined summaries (iga.scores.summarize)")
+    return {m: runs[0].eval for m, runs in groups.items()}
+
+
 # --- tables --------------------------------------------------------------------------------------
 
-def _table1(groups: Groups) -> str:
-    externals = _external_names(groups)
-    several = any(len(runs) > 1 for runs in groups.values())
-    header = ["Method", *(["Seeds"] if several else []), *(name for name, _, _ in TABLE1_COLUMNS),
-              *(EXTERNAL.get(b, b) for b in externals)]
-    rows = [[method, *([str(len(runs))] if several else []),
-             *(_cell([get(r.eval) for r in runs], decimals) for _, get, decimals in TABLE1_COLUMNS),
-             *(_cell([100 * a for a in _external_accuracies(runs, b)], 1) for b in externals)]
-            for method, runs in groups.items()]
-    return _markdown(header, rows) + "\n\n" + LEGEND
+def figure_cell(summary: dict[str, Any], name: str, scale: float = 1.0, decimals: int = 1) -> str:
+    """`value [lo, hi]`: the figure and its 95 % interval; the bare value without one, a dash without either."""
+    value = _get(summary, name)
+    if value is None:
+        return DASH
+    ci = summary.get("ci", {}).get(name)
+    cell = f"{scale * value:.{decimals}f}"
+    return cell if ci is None else f"{cell} [{scale * ci[0]:.{decimals}f}, {scale * ci[1]:.{decimals}f}]"
 
 
-def _external_names(groups: Groups) -> list[str]:
+def results_table(summaries: Summaries) -> str:
+    externals = _external_names(summaries)
+    header = ["Method", "n", *(name for name, _, _, _ in TABLE1_COLUMNS), *(EXTERNAL.get(b, b) for b in externals)]
+    rows = [[method, _sizes(s), *(figure_cell(s, key, scale, d) for _, key, scale, d in TABLE1_COLUMNS),
+             *(figure_cell(s, f"external.{b}.accuracy", 100, 1) for b in externals)]
+            for method, s in summaries.items()]
+    return markdown(header, rows) + "\n\n" + LEGEND
+
+
+def _sizes(summary: dict[str, Any]) -> str:
+    """What a row rests on: test seeds, ID / OOD problems, training seeds."""
+    seeds = summary.get("n_seeds")
+    text = f"{summary['n_id']}/{summary['n_ood']}" + (f" of {seeds} seeds" if seeds else "")
+    train = summary.get("n_train_seeds", 1)
+    return text + (f", {train} runs" if train > 1 else "")
+
+
+def _external_names(summaries: Summaries) -> list[str]:
     """Benchmarks any run has: the known ones in the paper's order, then any other in order of appearance."""
-    present = dict.fromkeys(b for runs in groups.values() for r in runs for b in r.eval.get("external", {}))
+    present = dict.fromkeys(b for s in summaries.values() for b in s.get("external", {}))
     return [b for b in EXTERNAL if b in present] + [b for b in present if b not in EXTERNAL]
 
 
-def _external_accuracies(runs: list[RunResult], benchmark: str) -> list[float]:
-    return [r.eval["external"][benchmark]["accuracy"] for r in runs if benchmark in r.eval.get("external", {})]
-
-
-def _domain_table(groups: Groups) -> str:
-    domains = _domains(groups)
-    rows = [[method, *(_cell([100 * r.eval["domain_accuracy"][d] for r in runs if d in r.eval["domain_accuracy"]], 1)
-                       for d in domains)] for method, runs in groups.items()]
-    return _markdown(["Method", *domains], rows)
+def _domain_table(summaries: Summaries, field: str, scale: float, decimals: int) -> str:
+    domains = _domains(summaries, field)
+    rows = [[method, *(figure_cell(s, f"{field}.{d}", scale, decimals) for d in domains)]
+            for method, s in summaries.items()]
+    return markdown(["Method", *domains], rows)
 
 
 def _train_table(groups: Groups) -> str:
     # The mask column only when some run is an IGA one; ERM rows then show a dash.
     with_mask = any("mask_mean_avg" in r.train for runs in groups.values() for r in runs)
     columns = [c for c in TRAIN_COLUMNS if with_mask or c[1] != "mask_mean_avg"]
-    rows = [[method, *(_cell([r.train[key] for r in runs if key in r.train], decimals) for _, key, decimals in columns)]
-            for method, runs in groups.items()]
-    return _markdown(["Method", *(name for name, _, _ in columns)], rows)
+    rows = [[method, *(_mean_cell([r.train[key] for r in runs if key in r.train], decimals)
+                       for _, key, decimals in columns)] for method, runs in groups.items()]
+    return markdown(["Method", *(name for name, _, _ in columns)], rows)
 
 
-def _cell(values: list[float], decimals: int) -> str:
-    """`mean ± sample std` over seeds, the bare value for one, a dash for none."""
+def _mean_cell(values: list[float], decimals: int) -> str:
+    """Training figures (no held-out interval): `mean ± sample std` over seeds, the bare value for one."""
     if not values:
         return DASH
     mean = f"{statistics.fmean(values):.{decimals}f}"
     return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.{decimals}f}"
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
+def markdown(header: list[str], rows: list[list[str]]) -> str:
     align = [":---", *["---:"] * (len(header) - 1)]  # names left, numbers right
     return "\n".join("| " + " | ".join(line) + " |" for line in (header, align, *rows))
 
 
-def _domains(groups: Groups) -> list[str]:
+def _domains(summaries: Summaries, field: str = "domain_accuracy") -> list[str]:
     """Domain names in order of first appearance: they vary with the configuration."""
-    return list(dict.fromkeys(d for runs in groups.values() for r in runs for d in r.eval["domain_accuracy"]))
+    return list(dict.fromkeys(d for s in summaries.values() for d in s.get(field, {})))
+
+
+# (header, figure, display scale, decimals, unit) of the paired comparisons; the gaps compare by size |gap|
+PAIRED: tuple[tuple[str, str, float, int, str], ...] = (
+    ("ID acc.", "id_accuracy", 100, 1, " pp"), ("OOD acc.", "ood_accuracy", 100, 1, " pp"),
+    ("|Δ-Gap|", "delta_gap", 100, 1, " pp"), ("NLL ID", "nll_id", 1, 3, ""), ("NLL OOD", "nll_ood", 1, 3, ""),
+    ("|NLL gap|", "nll_gap", 1, 3, ""))
+
+
+def paired_sections(evaluations: dict[str, list[Evaluation]]) -> list[str]:
+    """Each method against the first, paired problem by problem, and what this evaluation can detect."""
+    reference, *others = evaluations
+    rows, detect = [], []
+    for method in others:
+        cells = []
+        for _, figure, scale, decimals, unit in PAIRED:
+            c = compare(evaluations[method], evaluations[reference], figure)
+            f = lambda v: f"{scale * v:+.{decimals}f}"  # noqa: E731
+            cells.append(f"{f(c.delta)} [{f(c.lo)}, {f(c.hi)}], p {c.p:.2g}")
+        rows.append([f"{method} − {reference}", *cells])
+        mdes = [detectable(evaluations[method], evaluations[reference], figure) for _, figure, *_ in PAIRED]
+        detect.append([f"{method} vs {reference}", str(mdes[0][1]),
+                       *(f"{scale * m:.{d}f}{u}" for (m, _), (_, _, scale, d, u) in zip(mdes, PAIRED))])
+    return ["## Paired differences",
+            "*Difference between two methods on the same problems (test seeds for the gaps), with its 95 % interval "
+            "(paired bootstrap over test seeds) and its two-sided p-value (exact McNemar for accuracy). NLL in nats "
+            "per token; the gaps compare by size.*", markdown(["Pair", *(h for h, *_ in PAIRED)], rows),
+            "## What this evaluation can detect",
+            "*The smallest true difference between two methods that a two-sided paired test at α = 0.05 detects with "
+            "80 % power at this evaluation's size, from the spread of the pair's per-test-seed differences "
+            "(iga.stats.min_detectable_effect).*",
+            markdown(["Pair", "test seeds", *(h for h, *_ in PAIRED)], detect)]
 
 
 # --- summary.md ----------------------------------------------------------------------------------
 
-def _summary(title: str, groups: Groups, notes: Sequence[str], images: set[str]) -> str:
+def _summary(title: str, groups: Groups, summaries: Summaries, notes: Sequence[str], images: set[str],
+             paired: Sequence[str] = ()) -> str:
     """Notes first (they are caveats to read before the numbers), each figure after its table."""
     def figures(*names: str) -> list[str]:
         return [f"![{FIGURES[n][0]}]({n})" for n in names if n in images]
 
+    with_nll = any("domain_nll" in s for s in summaries.values())
     parts = [f"# {title}",
              *(["\n".join(f"- {note}" for note in notes)] if notes else []),
-             "## Results", _table1(groups), *figures("accuracy.png", "lcs_layers.png"),
-             "## Accuracy per domain", _domain_table(groups), *figures("domain_accuracy.png"),
+             "## Results", results_table(summaries), *paired, *figures("accuracy.png", "lcs_layers.png"),
+             "## Accuracy per domain (%)", _domain_table(summaries, "domain_accuracy", 100, 1),
+             *figures("domain_accuracy.png"),
+             *(["## NLL per domain (nats per token)", _domain_table(summaries, "domain_nll", 1, 3)] if with_nll else []),
              "## Training", _train_table(groups), *figures("loss.png", "mask.png")]
     return "\n\n".join(parts) + "\n"
 
@@ -215,54 +292,60 @@ def _colors(groups: Groups) -> dict[str, str]:
     return {method: f"C{i % 10}" for i, method in enumerate(groups)}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std; std is NaN (no error bar drawn) for one value, mean NaN (no bar) for none."""
-    nan = float("nan")
-    if not values:
-        return nan, nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else nan)
-
-
-def _grouped_bars(ax: Any, labels: list[str], series: dict[str, tuple[list[list[float]], str]]) -> None:
-    """Bars for each label, one per series (name -> per-label values over seeds, colour), ±std bars."""
+def _grouped_bars(ax: Any, labels: list[str], series: dict[str, tuple[list[tuple[float, list[float] | None]], str]]
+                  ) -> None:
+    """Bars for each label, one per series (name -> per-label (value, [lo, hi] or None), colour), with the
+    intervals as error bars (a missing value draws no bar)."""
     width = 0.8 / len(series)
-    for k, (name, (values, color)) in enumerate(series.items()):
-        means, stds = zip(*(_mean_std(v) for v in values))
+    nan = float("nan")
+    for k, (name, (cells, color)) in enumerate(series.items()):
+        values = [v if v is not None else nan for v, _ in cells]
+        err = [[v - ci[0] if ci else 0 for v, ci in zip(values, (c for _, c in cells))],
+               [ci[1] - v if ci else 0 for v, ci in zip(values, (c for _, c in cells))]]
         x = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
-        ax.bar(x, means, width, yerr=stds, capsize=3, color=color, label=name)
+        ax.bar(x, values, width, yerr=err, capsize=3, color=color, label=name)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize="small")
 
 
-def _accuracy_figure(groups: Groups) -> Any:
+def _pct(summary: dict[str, Any], name: str) -> tuple[float | None, list[float] | None]:
+    value, ci = _get(summary, name), summary.get("ci", {}).get(name)
+    return (None if value is None else 100 * value), (None if ci is None else [100 * c for c in ci])
+
+
+def _accuracy_figure(groups: Groups, summaries: Summaries) -> Any:
     # Greys, not the method colours: here colour means ID vs OOD, and methods are on the x axis.
-    fig = _figure(figsize=(max(4.0, 1.3 * len(groups) + 1.5), 3.6))
+    fig = _figure(figsize=(max(4.0, 1.3 * len(summaries) + 1.5), 3.6))
     ax = fig.subplots()
-    _grouped_bars(ax, list(groups), {
-        "ID": ([[100 * r.eval["id_accuracy"] for r in runs] for runs in groups.values()], "0.3"),
-        "OOD": ([[100 * r.eval["ood_accuracy"] for r in runs] for runs in groups.values()], "0.7")})
-    ax.set_title("ID vs OOD accuracy")
+    _grouped_bars(ax, list(summaries), {
+        "ID": ([_pct(s, "id_accuracy") for s in summaries.values()], "0.3"),
+        "OOD": ([_pct(s, "ood_accuracy") for s in summaries.values()], "0.7")})
+    ax.set_title("ID vs OOD accuracy (95 % intervals)")
     return fig
 
 
-def _domain_figure(groups: Groups) -> Any:
-    domains, colors = _domains(groups), _colors(groups)
-    fig = _figure(figsize=(max(5.0, 0.5 * len(domains) * len(groups) + 2), 3.6))
+def _domain_figure(groups: Groups, summaries: Summaries) -> Any:
+    domains, colors = _domains(summaries), _colors(groups)
+    fig = _figure(figsize=(max(5.0, 0.5 * len(domains) * len(summaries) + 2), 3.6))
     ax = fig.subplots()
-    _grouped_bars(ax, domains, {
-        method: ([[100 * r.eval["domain_accuracy"][d] for r in runs if d in r.eval["domain_accuracy"]]
-                  for d in domains], colors[method]) for method, runs in groups.items()})
-    ax.set_title("Accuracy per domain")
+    _grouped_bars(ax, domains, {method: ([_pct(s, f"domain_accuracy.{d}") for d in domains], colors[method])
+                                for method, s in summaries.items()})
+    ax.set_title("Accuracy per domain (95 % intervals)")
     return fig
 
 
-def _lcs_figure(groups: Groups) -> Any:
+def _lcs_figure(groups: Groups, summaries: Summaries) -> Any:
     fig = _figure(figsize=(6.0, 3.6))
     ax = fig.subplots()
     for method, color in _colors(groups).items():
-        means = [statistics.fmean(r.eval["lcs"][d]["normalized"] for r in groups[method]) for d in DEPTHS]
-        ax.plot(range(len(DEPTHS)), means, marker="o", color=color, label=method)
+        s = summaries[method]
+        names = [f"lcs.{d}.normalized" for d in DEPTHS]
+        values = [_get(s, n) for n in names]
+        cis = [s.get("ci", {}).get(n) or [v, v] for n, v in zip(names, values)]
+        ax.errorbar(range(len(DEPTHS)), values, yerr=[[v - c[0] for v, c in zip(values, cis)],
+                                                      [c[1] - v for v, c in zip(values, cis)]],
+                    marker="o", capsize=3, color=color, label=method)
     ax.set_xticks(range(len(DEPTHS)), [_depth_label(groups, d) for d in DEPTHS])
     ax.set_ylabel("LCS (normalised)")
     ax.set_title("Normalised LCS by depth (lower = more consistent)")
@@ -276,7 +359,7 @@ def _depth_label(groups: Groups, depth: str) -> str:
     return f"{depth.replace('_', ' ')}\n(layer {'/'.join(map(str, layers))})"
 
 
-def _loss_figure(groups: Groups) -> Any:
+def _loss_figure(groups: Groups, summaries: Summaries) -> Any:
     fig = _figure(figsize=(6.0, 3.6))
     ax = fig.subplots()
     for method, color in _colors(groups).items():
@@ -290,7 +373,7 @@ def _loss_figure(groups: Groups) -> Any:
     return fig
 
 
-def _mask_figure(groups: Groups) -> Any | None:
+def _mask_figure(groups: Groups, summaries: Summaries) -> Any | None:
     """IGA's mask statistics over steps, or None when no run logged them (ERM-only reports)."""
     colors = _colors(groups)
     masked = [m for m, runs in groups.items() if any("mask_mean" in row for r in runs for row in r.history)]
@@ -325,7 +408,7 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 
 # name -> (caption, draw); draw returns None to skip the file. Also the order the files are written in.
-FIGURES: dict[str, tuple[str, Callable[[Groups], Any]]] = {
+FIGURES: dict[str, tuple[str, Callable[[Groups, Summaries], Any]]] = {
     "accuracy.png": ("ID vs OOD accuracy per method", _accuracy_figure),
     "lcs_layers.png": ("Normalised LCS by depth", _lcs_figure),
     "domain_accuracy.png": ("Accuracy per domain", _domain_figure),

@@ -1,70 +1,112 @@
-"""The experiment's Tables 1–3 in Markdown, with a plain verdict of where IGA wins, ties or loses.
+"""The experiment's Tables 1–3 in Markdown, with a verdict of where IGA wins, ties or loses.
 
-A difference between two methods counts only when it exceeds twice its standard error over seeds,
-√(s_a²/n_a + s_b²/n_b); otherwise it is a tie. With 3 seeds this is a loose test, and it says so.
+A verdict compares two methods paired problem by problem and training seed by training seed
+(iga.scores.compare: a two-level bootstrap over training seeds and test seeds). A difference is a
+win or a loss only when it stays significant after Holm's correction over all the table's
+comparisons; otherwise it is a tie. Δ-Gap and NLL gap are ranked by their size |gap|: a gap below
+zero (OOD above ID) is not better than no gap.
 """
 from __future__ import annotations
 
-import math
-import statistics
-from typing import Any, Callable
+from typing import Any, Sequence
 
+import numpy as np
+
+from iga.errors import DataError
 from iga.params import RunConfig
-from iga.report import RunResult, _by_method, _markdown, _table1
+from iga.report import Summaries, figure_cell, markdown, results_table
+from iga.scores import Comparison, Evaluation, compare, detectable
+from iga.stats import holm
 
-# (header, value, sign: +1 when higher is better)
-COMPARED: tuple[tuple[str, Callable[[dict[str, Any]], float], int], ...] = (
-    ("ID acc.", lambda e: 100 * e["id_accuracy"], 1),
-    ("OOD acc.", lambda e: 100 * e["ood_accuracy"], 1),
-    ("Δ-Gap", lambda e: 100 * e["delta_gap"], -1),
-    ("LCS (normalised)", lambda e: e["lcs"]["penultimate"]["normalized"], -1),
+ALPHA = 0.05
+# (header, figure, +1 higher is better / −1 lower is better (|gap| for the gaps), display scale, decimals)
+COMPARED: tuple[tuple[str, str, int, float, int], ...] = (
+    ("ID acc.", "id_accuracy", 1, 100, 1),
+    ("OOD acc.", "ood_accuracy", 1, 100, 1),
+    ("|Δ-Gap|", "delta_gap", -1, 100, 1),
+    ("NLL OOD", "nll_ood", -1, 1, 3),
+    ("|NLL gap|", "nll_gap", -1, 1, 3),
+    ("LCS (normalised)", "lcs.penultimate.normalized", -1, 1, 4),
 )
-RULE = ("A difference counts when it exceeds twice its standard error over seeds, √(s_a²/n_a + s_b²/n_b); "
-        "otherwise it is a tie. With 3 seeds and a few dozen problems per evaluation, most differences are ties.")
+RULE = ("Each cell: difference, its 95 % interval, and the verdict. A win or a loss only when the paired difference "
+        f"is significant at {ALPHA} after Holm's correction over all comparisons of the table (p_H, the adjusted "
+        "p-value); otherwise a tie. Paired by training seed and problem (test seed for the gaps, isomer group for "
+        "LCS); intervals from a bootstrap over training seeds and test seeds. |Δ-Gap| and |NLL gap| rank a gap by "
+        "its size: a negative gap (OOD above ID) is not better than zero. Accuracies and Δ-Gap in points, NLL in "
+        "nats per token.")
 
 
-def compare(ours: list[float], theirs: list[float], sign: int) -> tuple[str, float]:
-    """('win' | 'tie' | 'loss', mean difference ours − theirs) for a metric where sign·value is better."""
-    diff = statistics.fmean(ours) - statistics.fmean(theirs)
-    var = lambda v: statistics.variance(v) / len(v) if len(v) > 1 else 0.0  # noqa: E731
-    se = math.sqrt(var(ours) + var(theirs))
-    if abs(diff) <= 2 * se:
-        return "tie", diff
-    return ("win" if sign * diff > 0 else "loss"), diff
+def verdicts(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Evaluation]]]
+             ) -> dict[tuple[str, str], tuple[Comparison, float, str]]:
+    """Every (row name, figure) of a table: (comparison ours − theirs, Holm-adjusted p, verdict)."""
+    raw = {(name, figure): compare(ours, theirs, figure)
+           for name, ours, theirs in pairs for _, figure, _, _, _ in COMPARED}
+    adjusted = holm([c.p for c in raw.values()])
+    sign = {figure: s for _, figure, s, _, _ in COMPARED}
+    out = {}
+    for (key, c), p in zip(raw.items(), adjusted):
+        better = sign[key[1]] * c.delta > 0
+        out[key] = (c, float(p), ("win" if better else "loss") if p < ALPHA else "tie")
+    return out
 
 
-def _values(runs: list[RunResult], get: Callable[[dict[str, Any]], float]) -> list[float]:
-    return [get(r.eval) for r in runs]
+def _cell(result: tuple[Comparison, float, str], scale: float, decimals: int) -> str:
+    c, p, verdict = result
+    f = lambda v: f"{scale * v:+.{decimals}f}"  # noqa: E731
+    shown = f"**{verdict}**" if verdict != "tie" else verdict
+    return f"{f(c.delta)} [{f(c.lo)}, {f(c.hi)}] {shown} (p_H {p:.2g})"
 
 
-def verdicts(groups: dict[str, list[RunResult]], reference: str) -> tuple[str, dict[str, int]]:
-    """The reference method against each other method on every compared metric, and the counts."""
-    ref = groups[reference]
+def _counts(results: dict[Any, tuple[Comparison, float, str]]) -> dict[str, int]:
     counts = {"win": 0, "tie": 0, "loss": 0}
-    rows = []
-    for name, runs in groups.items():
-        if name == reference:
+    for _, _, verdict in results.values():
+        counts[verdict] += 1
+    return counts
+
+
+def detectable_line(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Evaluation]]]) -> str:
+    """The median over the table's comparisons of the minimum detectable difference (α 0.05, power 0.8)."""
+    parts, seeds = [], set()
+    for header, figure, _, scale, decimals in COMPARED:
+        if figure.startswith("lcs"):
             continue
-        cells = []
-        for _, get, sign in COMPARED:
-            outcome, diff = compare(_values(ref, get), _values(runs, get), sign)
-            counts[outcome] += 1
-            cells.append(f"{outcome} ({diff:+.{3 if abs(diff) < 1 else 1}f})")
-        rows.append([name, *cells])
-    return _markdown([f"{reference} vs", *(h for h, _, _ in COMPARED)], rows), counts
+        found = [_detectable(ours, theirs, figure) for _, ours, theirs in pairs]
+        values = [mde for mde, n in filter(None, found)]
+        seeds |= {n for _, n in filter(None, found)}
+        unit = " points" if scale == 100 else " nats/token"
+        parts.append(f"{header.strip('|')} {scale * float(np.median(values)):.{decimals}f}{unit}")
+    n = "/".join(map(str, sorted(seeds)))
+    return (f"*Minimum detectable difference (α 0.05, power 0.8; median over the comparisons; from the spread of "
+            f"paired per-test-seed differences over {n} test seeds, averaged over training seeds): "
+            + ", ".join(parts) + ".*")
 
 
-def table1_with_verdicts(runs: list[RunResult], reference: str, scale: str, run_s: float) -> str:
-    groups = _by_method(runs)
-    text, counts = verdicts(groups, reference)
-    total = sum(counts.values())
+def _detectable(ours: Sequence[Evaluation], theirs: Sequence[Evaluation], figure: str) -> tuple[float, int] | None:
+    """None for a pair scored on different test seeds (an instance-level split): nothing to pair."""
+    try:
+        return detectable(ours, theirs, figure)
+    except DataError:
+        return None
+
+
+def table1(summaries: Summaries, evaluations: dict[str, list[Evaluation]], reference: str, scale: str,
+           run_s: float) -> str:
+    """Table 1 with every figure's interval, then the reference method against each other one."""
+    pairs = [(name, evaluations[reference], evals) for name, evals in evaluations.items() if name != reference]
+    results = verdicts(pairs)
+    counts = _counts(results)
+    rows = [[name, *(_cell(results[(name, figure)], s, d) for _, figure, _, s, d in COMPARED)]
+            for name, _, _ in pairs]
     return "\n\n".join([
-        "# Table 1: IGA against the baselines", f"*{scale}. Training and evaluation of all runs of "
-        f"Tables 1 and 2 took {run_s / 60:.0f} min on this machine.*", _table1(groups),
+        "# Table 1: IGA against the baselines",
+        f"*{scale}. Training and evaluation of all runs of Tables 1 and 2 took {run_s / 60:.0f} min on this "
+        "machine.*", results_table(summaries),
         f"## Where {reference} wins, ties or loses",
-        f"Against the {len(groups) - 1} other methods on {len(COMPARED)} metrics: **{counts['win']} wins, "
-        f"{counts['tie']} ties, {counts['loss']} losses** of {total} comparisons. Difference = {reference} − other "
-        "(accuracies and Δ-Gap in points). " + RULE, text]) + "\n"
+        f"Against the {len(pairs)} other methods on {len(COMPARED)} figures: **{counts['win']} wins, "
+        f"{counts['tie']} ties, {counts['loss']} losses** of {sum(counts.values())} comparisons. Difference = "
+        f"{reference} − other; the verdict is {reference}'s. " + RULE,
+        markdown([f"{reference} vs", *(h for h, _, _, _, _ in COMPARED)], rows),
+        detectable_line(pairs)]) + "\n"
 
 
 def describe(run: RunConfig, reference: RunConfig) -> str:
@@ -81,31 +123,28 @@ def describe(run: RunConfig, reference: RunConfig) -> str:
     return "; ".join(parts) or "nothing"
 
 
-def table2(reference_runs: list[RunResult], ablations: dict[str, list[RunResult]], configs: dict[str, RunConfig],
-           scale: str) -> str:
-    """Each ablation's metrics and its difference from full IGA (ablation − IGA) with the verdict."""
-    ref_config = configs["iga"]
-    header = ["Ablation", "Changes", *(h for h, _, _ in COMPARED), *(f"Δ {h}" for h, _, _ in COMPARED)]
-
-    def cells(runs: list[RunResult]) -> list[str]:
-        out = []
-        for h, get, _ in COMPARED:
-            v = _values(runs, get)
-            d = 3 if "LCS" in h else 1
-            out.append(f"{statistics.fmean(v):.{d}f}" + (f" ± {statistics.stdev(v):.{d}f}" if len(v) > 1 else ""))
-        return out
-
-    rows = [["iga (full)", "–", *cells(reference_runs), *["–"] * len(COMPARED)]]
-    for name, runs in ablations.items():
-        deltas = []
-        for h, get, sign in COMPARED:
-            outcome, diff = compare(_values(runs, get), _values(reference_runs, get), sign)
-            deltas.append(f"{diff:+.{3 if 'LCS' in h else 1}f} ({outcome})")
-        rows.append([name, describe(configs[name], ref_config), *cells(runs), *deltas])
-    return "\n\n".join(["# Table 2: IGA ablations", f"*{scale}.*", _markdown(header, rows),
-                        "*Δ = ablation − full IGA; win/tie/loss is the ablation's, by the rule below. LCS of every "
-                        "run is measured on the same seed-level held-out groups (for the instance-level split "
-                        "some of them were seen in training).* " + RULE]) + "\n"
+def table2(summaries: Summaries, evaluations: dict[str, list[Evaluation]], configs: dict[str, RunConfig],
+           reference: str, scale: str) -> str:
+    """Each ablation's figures and its paired difference from full IGA (ablation − IGA) with the verdict."""
+    ablations = [name for name in evaluations if name != reference]
+    pairs = [(name, evaluations[name], evaluations[reference]) for name in ablations]
+    results = verdicts(pairs)
+    header = ["Ablation", "Changes", *(h for h, _, _, _, _ in COMPARED)]
+    rows = [[f"{reference} (full)", "–", *(figure_cell(summaries[reference], f, s, d) for _, f, _, s, d in COMPARED)]]
+    for name in ablations:
+        rows.append([name, describe(configs[name], configs[reference]),
+                     *(figure_cell(summaries[name], f, s, d) for _, f, _, s, d in COMPARED)])
+    deltas = [[name, *(_cell(results[(name, figure)], s, d) for _, figure, _, s, d in COMPARED)] for name in ablations]
+    counts = _counts(results)
+    return "\n\n".join([
+        "# Table 2: IGA ablations", f"*{scale}. Figures with their 95 % intervals; |Δ-Gap| and |NLL gap| are the "
+        "gaps' sizes.*", markdown(header, rows),
+        f"## Each ablation against full {reference}",
+        f"**{counts['win']} wins, {counts['tie']} ties, {counts['loss']} losses** for the ablations, of "
+        f"{sum(counts.values())} comparisons. Difference = ablation − {reference}; the verdict is the ablation's. "
+        + RULE + " LCS of every run is measured on the same seed-level held-out groups (for the instance-level "
+        "split some of them were seen in training).",
+        markdown(["Ablation vs full", *(h for h, _, _, _, _ in COMPARED)], deltas), detectable_line(pairs)]) + "\n"
 
 
 def table3(cost: dict[str, Any]) -> str:
@@ -122,6 +161,6 @@ def table3(cost: dict[str, Any]) -> str:
         f"*One batch ({erm['sequences']} sequences, {erm['tokens']} tokens), the same for every method, on "
         f"{device}; each method in its own fresh process, one warm-up step, then the median of "
         f"{len(erm['step_times_s'])} timed steps. Memory: {memory}, in MB.*",
-        _markdown(["Method", "Step time (s)", "× ERM", "Peak memory (MB)", "× ERM"], rows),
+        markdown(["Method", "Step time (s)", "× ERM", "Peak memory (MB)", "× ERM"], rows),
         f"*{', '.join(same)} train ERM on other data: per batch they cost what ERM costs.*" if same else "",
     ]).rstrip() + "\n"

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from iga.errors import TrainingError
+from iga.hardware import resolve_precision
 from iga.io import atomic_file
 from iga.methods import Method
 from iga.params import TrainParams
@@ -83,7 +84,8 @@ def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int],
         history, start = state["history"], state["step"]
         saved = start
         log.info("resumed from %s at step %d", path, start)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bf16 = resolve_precision(tp.precision, device) == "bfloat16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     model.train()
     for step in range(start, tp.steps):
         t0 = time.perf_counter()

@@ -1,10 +1,11 @@
-"""Evaluate one trained method: accuracy (ID, OOD, per domain, external benchmarks) and LCS."""
+"""Evaluate one trained method: accuracy, NLL and LCS with their 95 % intervals, and every problem's score."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import statistics
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,15 +13,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from iga.answers import extract_answer
 from iga.errors import DataError
-from iga.evaluate import accuracy_report, generate, lcs, score
-from iga.external import extract_prediction, is_correct, load_benchmark
+from iga.evaluate import evaluate_student
+from iga.external import load_benchmark
+from iga.hardware import describe, resolve_device, resolve_precision
 from iga.io import read_jsonl, write_json, write_jsonl
 from iga.params import Params
+from iga.scores import summarize
 from iga.student import load_trained
-from tasks.paths import BASE_MODEL, OOD, TEST, adapter_dir, completions_file, eval_metrics, eval_plot
-from tasks.train import resolve_device
+from tasks import tracking
+from tasks.paths import BASE_MODEL, OOD, TEST, adapter_dir, completions_file, eval_metrics, eval_plot, scores_file
 
 # Settings that do not change what an evaluation computes.
 _NOT_IN_PARAMS_HASH = {"train": ("methods", "threads", "checkpoint_every", "device"), "eval": ("threads",)}
@@ -50,44 +52,51 @@ def load_eval_metrics(params: Params, method: str) -> dict[str, Any]:
     return metrics
 
 
-@task(cache_policy=NO_CACHE)
-def evaluate_method(params: Params, method: str) -> dict[str, Any]:
-    log = get_run_logger()
-    params.method(method)  # an unknown name fails here, before any model is loaded
+def eval_key(params: Params) -> str:
+    """What makes two versions' scores comparable problem by problem: the same held-out rows and the
+    same evaluation settings on the same base model."""
+    eval_ = {k: v for k, v in dataclasses.asdict(params.eval).items() if k not in ("threads", "lcs_groups")}
+    eval_["dtype"] = resolve_precision(params.eval.dtype, resolve_device(params.train.device))  # auto: per machine
+    spec = {"test": tracking.data_hash(TEST), "ood": tracking.data_hash(OOD), "student": dataclasses.asdict(params.student),
+            "eval": eval_}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def score_adapter(params: Params, adapter: Path, name: str) -> dict[str, Any]:
+    """Evaluate the base model with `adapter` merged in on the held-out sets (iga.evaluate.evaluate_student)."""
     ev = params.eval
     torch.set_num_threads(ev.threads)
-    model, tokenizer = load_trained(BASE_MODEL, adapter_dir(method), params.student.dtype)
+    model, tokenizer = load_trained(BASE_MODEL, adapter, params.student.dtype)
     # merged: the same function, no LoRA branch to run at every decoding step
-    model = model.merge_and_unload().to(resolve_device(params.train.device), getattr(torch, ev.dtype))
-    test, ood = read_jsonl(TEST), read_jsonl(OOD)
-    external = {name: load_benchmark(name, e.limit) for name, e in ev.external.items() if e.limit}
-    sets = {"test": test, "ood": ood} | external
-    problems = [r["problem"] for rows in sets.values() for r in rows]
-    with tqdm(total=len(problems), desc=f"{method}: generating", unit="problem") as bar:
-        flat = iter(generate(model, tokenizer, problems, ev.max_new_tokens, ev.batch_size, on_batch=bar.update))
-    done = {name: [next(flat) for _ in rows] for name, rows in sets.items()}  # one call: fuller batches
-    metrics = {"method": method, "params_hash": params_hash(params, method),
-               **accuracy_report(test, score(test, done["test"]), ood, score(ood, done["ood"]))}
-    with tqdm(total=min(ev.lcs_groups, len({r["group_id"] for r in test})), desc=f"{method}: LCS", unit="group") as bar:
-        metrics |= lcs(model, tokenizer, test, params.domains.train, ev.lcs_groups, str(TEST), on_group=bar.update)
-    metrics["external"] = {}
-    records = [{"set": name, "id": f"{r['group_id']}/{r['domain']}", "gold": r["answer"],
-                "predicted": extract_answer(c), "completion": c}
-               for name in ("test", "ood") for r, c in zip(sets[name], done[name])]
-    for name, rows in external.items():
-        preds = [extract_prediction(name, c) for c in done[name]]
-        hits = [is_correct(name, p, r["answer"]) for p, r in zip(preds, rows)]
-        metrics["external"][name] = {"accuracy": statistics.fmean(hits), "n": len(rows)}
-        records += [{"set": name, "id": r["id"], "gold": r["answer"], "predicted": p, "completion": c}
-                    for r, p, c in zip(rows, preds, done[name])]
-    write_jsonl(completions_file(method), records)
+    device = resolve_device(params.train.device)
+    model = model.merge_and_unload().to(device, getattr(torch, resolve_precision(ev.dtype, device)))
+    with ExitStack() as bars:  # a progress bar per phase, each closed at the end
+        evaluation = evaluate_student(
+            model, tokenizer, read_jsonl(TEST), read_jsonl(OOD),
+            {b: load_benchmark(b, e.limit) for b, e in ev.external.items() if e.limit}, params.domains.train,
+            to_generate=None, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+            nll_batch_size=ev.nll_batch_size, lcs_groups=ev.lcs_groups, source=str(TEST),
+            progress=lambda what, total: bars.enter_context(tqdm(total=total, desc=f"{name}: {what}")).update)
+    return evaluation | {"device": describe(device), "dtype": resolve_precision(ev.dtype, device)}
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_method(params: Params, method: str) -> dict[str, Any]:
+    params.method(method)  # an unknown name fails here, before any model is loaded
+    evaluation = score_adapter(params, adapter_dir(method), method)
+    metrics = {"method": method, "params_hash": params_hash(params, method), "device": evaluation["device"],
+               "dtype": evaluation["dtype"], **summarize([evaluation], evaluation["lcs_layers"])}
+    write_jsonl(completions_file(method), evaluation["completions"])
+    write_jsonl(scores_file(method), evaluation["scores"])
     write_json(eval_plot(method, "accuracy"), [{"split": s, "accuracy": metrics[f"{s}_accuracy"]}
                                               for s in ("id", "ood")]
                + [{"split": n, "accuracy": e["accuracy"]} for n, e in metrics["external"].items()])
     write_json(eval_plot(method, "lcs"), [{"depth": d, "layer": v["layer"], "lcs_normalized": v["normalized"],
                                            "lcs_raw": v["raw"]} for d, v in metrics["lcs"].items()])
     write_json(eval_metrics(method), metrics)
-    log.info("%s: ID accuracy %.3f, OOD %.3f, Δ-Gap %.3f, LCS (normalised, penultimate) %.4f", method,
-             metrics["id_accuracy"], metrics["ood_accuracy"], metrics["delta_gap"],
-             metrics["lcs"]["penultimate"]["normalized"])
+    ci = metrics["ci"]
+    get_run_logger().info(
+        "%s: ID accuracy %.3f %s, OOD %.3f %s, Δ-Gap %.3f %s, NLL gap %.3f %s (95 %% CIs over %d test seeds)",
+        method, metrics["id_accuracy"], ci["id_accuracy"], metrics["ood_accuracy"], ci["ood_accuracy"],
+        metrics["delta_gap"], ci["delta_gap"], metrics["nll_gap"], ci["nll_gap"], metrics["n_seeds"])
     return metrics

@@ -24,8 +24,10 @@ from prefect.cache_policies import NO_CACHE
 import iga.answers
 import iga.evaluate
 import iga.experiment
+import iga.hardware
+import iga.scores
 from iga.errors import DataError
-from iga.evaluate import accuracy_report, generate, lcs, score
+from iga.evaluate import evaluate_student
 from iga.experiment import complete_groups, held_out, run_domains, train_units
 from iga.io import atomic_write_text, read_jsonl, write_json
 from iga.methods import build_method
@@ -34,14 +36,17 @@ from iga.report import RunResult, write_report
 from iga.sft import collate, encode_groups
 from iga.split import split
 from iga.student import load_student
-from iga.tables import table1_with_verdicts, table2, table3
+from iga.scores import summarize
+from iga.tables import table1, table2, table3
 from iga.train import train, trainable
 from tasks import tracking
 from tasks.paths import (ACCEPTED, BASE_MODEL, EXPERIMENT, EXPERIMENT_REPORT, TABLES, experiment_checkpoints,
                          experiment_result)
-from tasks.train import NOT_IN_FINGERPRINT, TRAINING_CODE, batcher, resolve_device, summarize
+from iga.hardware import resolve_device, resolve_precision
+from tasks.train import NOT_IN_FINGERPRINT, TRAINING_CODE, batcher
+from tasks.train import summarize as summarize_training
 
-_CODE = (*TRAINING_CODE, iga.experiment, iga.evaluate, iga.answers)
+_CODE = (*TRAINING_CODE, iga.experiment, iga.evaluate, iga.answers, iga.scores, iga.hardware)
 PARENT = EXPERIMENT / "parent.json"
 COST = EXPERIMENT / "cost.json"
 
@@ -55,12 +60,15 @@ def params_hash(params: Params, name: str, seed: int, data_md5: str) -> str:
     run = params.experiment.runs[name]
     train = {k: v for k, v in dataclasses.asdict(run_train_params(params, seed)).items()
              if k not in NOT_IN_FINGERPRINT}
+    device = resolve_device(params.train.device)
+    train["precision"] = resolve_precision(train["precision"], device)  # auto: what this machine runs
     ex = params.experiment
     spec = {"run": dataclasses.asdict(run), "method": dataclasses.asdict(params.methods[run.method]),
             "student": dataclasses.asdict(params.student), "lora": dataclasses.asdict(params.lora), "train": train,
             "domains": dataclasses.asdict(params.domains), "split": dataclasses.asdict(params.split),
-            "eval": {"groups": ex.eval_groups, "max_new_tokens": ex.max_new_tokens, "dtype": params.eval.dtype,
-                     "batch_size": params.eval.batch_size},
+            "eval": {"groups": ex.eval_groups, "max_new_tokens": ex.max_new_tokens, "batch_size": params.eval.batch_size,
+                     "nll_batch_size": params.eval.nll_batch_size,
+                     "dtype": resolve_precision(params.eval.dtype, device)},
             "data": data_md5, "code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in _CODE)).hexdigest()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -70,19 +78,24 @@ def _splits(params: Params, unit: str) -> dict[str, list[dict[str, Any]]]:
     return parts
 
 
-def _evaluation_sets(params: Params, unit: str) -> tuple[list, list, list]:
-    """ID and OOD rows of the run's own split, and the seed-level held-out groups LCS is measured on
+def _evaluation_sets(params: Params, unit: str) -> tuple[list, list, set, list]:
+    """The run's own held-out ID and OOD rows (NLL on all of them), the keys of those it generates (the
+    first `experiment.eval_groups` test seeds'), and the seed-level held-out groups LCS is measured on
     (an instance-level split has few complete test groups, and every run's LCS is comparable this way)."""
     ex, source = params.experiment, str(ACCEPTED)
     seed_level = _splits(params, "seed")
-    lcs_rows, _ = held_out(complete_groups(seed_level["test"], params.domains.train), seed_level["ood"],
-                           ex.eval_groups, source)
+    lcs_rows = complete_groups(seed_level["test"], params.domains.train)
+    key = lambda r: (r["group_id"], r["domain"])  # noqa: E731
     if unit == "seed":
-        return (*held_out(seed_level["test"], seed_level["ood"], ex.eval_groups, source), lcs_rows)
-    parts = _splits(params, unit)  # as many rows as a seed-level run gets, in a fixed order
-    first = lambda rows, n: sorted(rows, key=lambda r: (r["seed_id"], r["domain"]))[:n]  # noqa: E731
-    return (first(parts["test"], ex.eval_groups * len(params.domains.train)),
-            first(parts["ood"], ex.eval_groups * len(params.domains.ood)), lcs_rows)
+        test, ood = seed_level["test"], seed_level["ood"]
+        chosen = held_out(test, ood, ex.eval_groups, source)
+    else:
+        parts = _splits(params, unit)  # as many generated rows as a seed-level run gets, in a fixed order
+        test, ood = parts["test"], parts["ood"]
+        first = lambda rows, n: sorted(rows, key=lambda r: (r["seed_id"], r["domain"]))[:n]  # noqa: E731
+        chosen = (first(test, ex.eval_groups * len(params.domains.train)),
+                  first(ood, ex.eval_groups * len(params.domains.ood)))
+    return test, ood, {key(r) for rows in chosen for r in rows}, lcs_rows
 
 
 @task(cache_policy=NO_CACHE)
@@ -141,26 +154,28 @@ def run_one(params: Params, name: str, seed: int, parent_run_id: str) -> dict[st
                         on_step=lambda r: mlflow.log_metrics({k: v for k, v in r.items() if k != "step"},
                                                              step=int(r["step"])))
         train_s = time.perf_counter() - t0
-        id_rows, ood_rows, lcs_rows = _evaluation_sets(params, run.split)
-        model = model.merge_and_unload().to(device, getattr(torch, params.eval.dtype))
-        completions = generate(model, tokenizer, [r["problem"] for r in id_rows + ood_rows], ex.max_new_tokens,
-                               params.eval.batch_size)
-        hits = score(id_rows + ood_rows, completions)
-        metrics = accuracy_report(id_rows, hits[:len(id_rows)], ood_rows, hits[len(id_rows):])
-        metrics |= lcs(model, tokenizer, lcs_rows, params.domains.train, ex.eval_groups, str(ACCEPTED))
-        summary = summarize(name, history, {"units_train": len(encoded), "units_too_long": too_long,
-                                            "trainable_parameters": n_trainable,
-                                            "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s})
-        mlflow.log_metrics({"id_accuracy": metrics["id_accuracy"], "ood_accuracy": metrics["ood_accuracy"],
-                            "delta_gap": metrics["delta_gap"], "train_s": train_s, "eval_s": summary["eval_s"],
-                            "lcs_normalized": metrics["lcs"]["penultimate"]["normalized"]})
+        test, ood, generate, lcs_rows = _evaluation_sets(params, run.split)
+        model = model.merge_and_unload().to(device, getattr(torch, resolve_precision(params.eval.dtype, device)))
+        evaluation = evaluate_student(model, tokenizer, test, ood, {}, params.domains.train, to_generate=generate,
+                                      max_new_tokens=ex.max_new_tokens, batch_size=params.eval.batch_size,
+                                      nll_batch_size=params.eval.nll_batch_size,
+                                      lcs_groups=len(lcs_rows), source=str(ACCEPTED), lcs_rows=lcs_rows)
+        metrics = summarize([evaluation], evaluation["lcs_layers"])
+        summary = summarize_training(name, history, {"units_train": len(encoded), "units_too_long": too_long,
+                                                     "trainable_parameters": n_trainable, "train_s": train_s,
+                                                     "eval_s": time.perf_counter() - t0 - train_s})
+        mlflow.log_metrics({k: metrics[k] for k in ("id_accuracy", "ood_accuracy", "delta_gap", "nll_id", "nll_ood",
+                                                    "nll_gap")}
+                           | {"train_s": train_s, "eval_s": summary["eval_s"],
+                              "lcs_normalized": metrics["lcs"]["penultimate"]["normalized"]})
         result = {"run": name, "seed": seed, "params_hash": key, "mlflow_run_id": child.info.run_id,
-                  "eval": metrics, "train": summary, "history": history}
+                  "eval": metrics, "evaluation": {"scores": evaluation["scores"], "lcs": evaluation["lcs"]},
+                  "lcs_layers": evaluation["lcs_layers"], "train": summary, "history": history}
     write_json(path, result)
     shutil.rmtree(experiment_checkpoints(name, seed))  # the result is written: nothing left to resume
-    log.info("%s seed %d: ID %.3f, OOD %.3f, LCS %.4f (train %.0f s, eval %.0f s)", name, seed,
-             metrics["id_accuracy"], metrics["ood_accuracy"], metrics["lcs"]["penultimate"]["normalized"], train_s,
-             summary["eval_s"])
+    log.info("%s seed %d: ID %.3f, OOD %.3f, NLL OOD %.3f, LCS %.4f (train %.0f s, eval %.0f s)", name, seed,
+             metrics["id_accuracy"], metrics["ood_accuracy"], metrics["nll_ood"],
+             metrics["lcs"]["penultimate"]["normalized"], train_s, summary["eval_s"])
     return result
 
 
@@ -231,20 +246,28 @@ def measure_cost(params: Params) -> dict[str, Any]:
 @task(cache_policy=NO_CACHE)
 def write_tables(params: Params, results: list[dict[str, Any]], cost: dict[str, Any], parent_run_id: str
                  ) -> list[Path]:
-    """reports/table1.md, table2.md, table3.md and reports/experiment/ (Table 1's runs, figures)."""
+    """reports/table1.md, table2.md, table3.md and reports/experiment/ (Table 1's runs, figures), every
+    figure with its interval over training seeds and test seeds."""
     ex = params.experiment
-    runs = [RunResult(r["run"], r["seed"], r["eval"], r["train"], r["history"]) for r in results]
-    by_name = {name: [r for r in runs if r.method == name] for name in dict.fromkeys(ex.table1 + ex.table2)}
-    t1 = [r for name in ex.table1 for r in by_name[name]]
+    names = list(dict.fromkeys(ex.table1 + ex.table2))
+    by_name = {name: sorted((r for r in results if r["run"] == name), key=lambda r: r["seed"]) for name in names}
+    evaluations = {name: [r["evaluation"] for r in by_name[name]] for name in names}
+    summaries = {name: summarize(evaluations[name], by_name[name][0]["lcs_layers"]) for name in names}
+    runs = {name: [RunResult(r["run"], r["seed"], r["eval"], r["train"], r["history"]) for r in by_name[name]]
+            for name in names}
     scale = (f"{ex.steps} steps x {params.train.groups_per_batch * len(params.domains.train)} sequences per run, "
-             f"{len(ex.seeds)} seeds ({', '.join(map(str, ex.seeds))}), {ex.eval_groups} held-out seeds "
+             f"{len(ex.seeds)} training seeds ({', '.join(map(str, ex.seeds))}); NLL and LCS on every test seed "
+             f"({summaries['iga']['nll_n_seeds']}), accuracy on the first {ex.eval_groups} "
              f"({ex.eval_groups * len(params.domains.train)} ID / {ex.eval_groups * len(params.domains.ood)} OOD "
              f"problems), max_new_tokens {ex.max_new_tokens}, student {params.student.base}")
-    written = write_report(EXPERIMENT_REPORT, t1, title="Experiment: Table 1's runs", notes=[scale])
-    run_s = sum(r.train["train_s"] + r.train["eval_s"] for r in runs)  # training + evaluation, all runs
-    texts = {1: table1_with_verdicts(t1, reference="iga", scale=scale, run_s=run_s),
-             2: table2([r for r in runs if r.method == "iga"], {n: by_name[n] for n in ex.table2}, ex.runs,
-                       scale=scale),
+    t1 = {name: summaries[name] for name in ex.table1}
+    written = write_report(EXPERIMENT_REPORT, [r for name in ex.table1 for r in runs[name]], summaries=t1,
+                           evaluations={name: evaluations[name] for name in ex.table1},
+                           title="Experiment: Table 1's runs", notes=[scale])
+    run_s = sum(r["train"]["train_s"] + r["train"]["eval_s"] for r in results)  # training + evaluation, all runs
+    texts = {1: table1(t1, {name: evaluations[name] for name in ex.table1}, "iga", scale, run_s),
+             2: table2({name: summaries[name] for name in ("iga", *ex.table2)},
+                       {name: evaluations[name] for name in ("iga", *ex.table2)}, ex.runs, "iga", scale),
              3: table3(cost)}
     for n, text in texts.items():
         atomic_write_text(TABLES[n], text)

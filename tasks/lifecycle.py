@@ -17,7 +17,7 @@ from iga.params import Params
 from iga.report import RunResult, table1, write_report
 from tasks import tracking
 from tasks.evaluate import load_eval_metrics
-from tasks.paths import REPORTS, history_file, train_metrics
+from tasks.paths import REPORTS, history_file, scores_file, train_metrics
 
 
 @task(cache_policy=NO_CACHE)
@@ -47,12 +47,17 @@ def collect(params: Params) -> list[RunResult]:
 
 
 @task(cache_policy=NO_CACHE)
-def report(results: list[RunResult], registry: dict[str, Any]) -> list[Path]:
+def report(params: Params, results: list[RunResult], registry: dict[str, Any]) -> list[Path]:
     """reports/summary.md and its plots, also attached to the lifecycle's parent MLflow run."""
+    rp = params.registry
     notes = ["MLflow registered model versions: " + ", ".join(f"{m} v{v}" for m, v in registry["versions"].items()),
              f"champion: v{registry['champion']}, challenger: "
-             + (f"v{registry['challenger']}" if registry["challenger"] else "none")]
-    files = write_report(REPORTS, results, notes=notes)
+             + (f"v{registry['challenger']}" if registry["challenger"] else "none")
+             + f" (promotion on {rp.primary_metric}: a one-sided paired test at α = {rp.alpha} and at least "
+               f"{rp.min_delta} better)",
+             *registry["decision"]]
+    evaluations = {r.method: [{"scores": read_jsonl(scores_file(r.method))}] for r in results}
+    files = write_report(REPORTS, results, evaluations=evaluations, notes=notes)
     mlflow = tracking.mlflow_module()
     mlflow.MlflowClient().log_artifacts(registry["parent_run_id"], str(REPORTS), "report")
     get_run_logger().info("report -> %s (also on MLflow run %s)", files[-1], registry["parent_run_id"])
@@ -62,7 +67,7 @@ def report(results: list[RunResult], registry: dict[str, Any]) -> list[Path]:
 def summary(results: list[RunResult], registry: dict[str, Any], files: list[Path]) -> str:
     """What `python -m flows.lifecycle` prints at the end: the table and where to look."""
     uri = tracking.tracking_uri()
-    return "\n".join([table1(results), "",
+    return "\n".join([table1(results), "", *registry["decision"], "",
                       f"report:   {files[-1]}",
                       f"champion: models:/{registry['model_name']}@champion (v{registry['champion']})",
                       f"mlflow:   mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite")

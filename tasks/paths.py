@@ -44,6 +44,12 @@ def completions_file(method: str) -> Path:
     return Path("models") / method / "completions.jsonl"
 
 
+def scores_file(method: str) -> Path:
+    """Every held-out problem's outcome (`set, id, seed_id, domain, correct, nll, tokens`): two methods
+    compare problem by problem."""
+    return Path("models") / method / "scores.jsonl"
+
+
 def eval_metrics(method: str) -> Path:
     return Path("metrics/eval") / f"{method}.json"
 

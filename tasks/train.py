@@ -16,12 +16,14 @@ from tqdm import tqdm
 
 import iga.combine
 import iga.core
+import iga.hardware
 import iga.methods
 import iga.pergrad
 import iga.sft
 import iga.student
 import iga.train
-from iga.errors import ConfigError, DataError
+from iga.errors import DataError
+from iga.hardware import describe, resolve_device, resolve_precision
 from iga.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from iga.methods import build_method
 from iga.params import Params, TrainParams
@@ -33,7 +35,7 @@ from tasks.paths import BASE_MODEL, TRAIN, adapter_dir, checkpoint_dir, history_
 
 # Settings that do not change what a run computes; a checkpoint stays valid across them.
 NOT_IN_FINGERPRINT = ("methods", "threads", "checkpoint_every")
-TRAINING_CODE = (iga.combine, iga.core, iga.methods, iga.pergrad, iga.sft, iga.student, iga.train)
+TRAINING_CODE = (iga.combine, iga.core, iga.hardware, iga.methods, iga.pergrad, iga.sft, iga.student, iga.train)
 
 
 def fingerprint(params: Params, method: str, data_md5: str) -> str:
@@ -57,14 +59,6 @@ def batcher(groups: list[list[iga.sft.Encoded]], tp: TrainParams, per_batch: int
                 for j in range(step * tp.grad_accum, (step + 1) * tp.grad_accum)]
 
     return micro_batches
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def summarize(method: str, history: list[dict[str, float]], extra: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +124,8 @@ def train_method(params: Params, method: str) -> dict[str, Any]:
             tokenizer.save_pretrained(tmp)
         write_jsonl(history_file(method), history)
         summary = summarize(method, history, {"groups_train": len(groups), "groups_too_long": too_long,
-                                              "trainable_parameters": n_trainable, "device": device.type,
+                                              "trainable_parameters": n_trainable, "device": describe(device),
+                                              "precision": resolve_precision(tp.precision, device),
                                               "mlflow_run_id": run.info.run_id})
         write_json(train_metrics(method), summary)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})

@@ -9,7 +9,8 @@ from hypothesis.extra.numpy import arrays
 
 from conftest import ROOT, isomer_rows
 from iga.errors import ConfigError, DataError
-from iga.evaluate import accuracy_report, depth_layers, generate, group_states, lcs, score, trace_cov
+from iga.evaluate import (depth_layers, evaluate_student, generate, lcs_record, score, shared_prefix, teacher_forced,
+                          trace_cov)
 from iga.params import load_params
 from iga.sft import encode
 from iga.student import load_student, load_trained
@@ -47,14 +48,28 @@ def test_exact_match_after_normalisation():
     rows = [{"answer": "1200", "domain": "a"}, {"answer": "yes", "domain": "a"}, {"answer": "7", "domain": "b"}]
     completions = ["Step 1: ...\nAnswer: 1,200.0", "Answer:  Yes.", "Step 1: 7 = 7\n"]  # the last has no answer
     assert score(rows, completions) == [True, True, False]
-    report = accuracy_report(rows[:2], [True, True], rows[2:], [False])
-    assert report["id_accuracy"] == 1.0 and report["ood_accuracy"] == 0.0 and report["delta_gap"] == 1.0
-    assert report["domain_accuracy"] == {"a": 1.0, "b": 0.0}
 
 
-def test_an_empty_evaluation_set_is_an_error():
-    with pytest.raises(DataError, match="empty evaluation set"):
-        accuracy_report([{"domain": "a"}], [True], [], [])
+def test_nll_is_the_training_loss_of_each_row_alone(trained):
+    """Batched, padded and sorted by length, each row's NLL is what training's own loss gives for
+    that row on its own: the completion tokens only, in the chat template."""
+    from iga.methods import token_losses
+    from iga.sft import collate
+
+    model, tokenizer = trained
+    rows = isomer_rows(2)
+    batched, _ = teacher_forced(model, tokenizer, rows, batch_size=3)
+    for r, (total, n) in zip(rows, batched):
+        e = encode(tokenizer, r["problem"], r["cot_solution"])
+        sums, counts = token_losses(model, collate([[e]], tokenizer.pad_token_id, seed=0))
+        assert n == int(counts[0]) == sum(label != -100 for label in e.labels[1:])
+        assert total == pytest.approx(float(sums[0]), rel=1e-5)
+    # by hand for the first row: −log p(target | prefix) over the completion tokens
+    e = encode(tokenizer, rows[0]["problem"], rows[0]["cot_solution"])
+    logp = torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0].float(), -1)
+    start = e.labels.index(next(x for x in e.labels if x != -100))
+    manual = -sum(float(logp[t - 1, e.input_ids[t]]) for t in range(start, len(e.input_ids)))
+    assert batched[0][0] == pytest.approx(manual, rel=1e-4)
 
 
 vectors = arrays("float64", st.tuples(st.integers(2, 6), st.integers(1, 5)),
@@ -70,32 +85,56 @@ def test_trace_cov_is_half_the_mean_pairwise_squared_distance(h):
     assert trace_cov(h + 3.0) == pytest.approx(trace_cov(h), rel=1e-9, abs=1e-6)  # translation invariant
 
 
+DOMAINS = ("mathematics", "medical", "legal", "science")
+
+
+def _lcs(model, tokenizer, group):
+    layers = depth_layers(model.config.num_hidden_layers)
+    shared = shared_prefix([encode(tokenizer, r["problem"], r["cot_solution"]).input_ids for r in group])
+    _, states = teacher_forced(model, tokenizer, group, 3, layers.values(), [shared] * len(group))
+    return lcs_record(group, states, layers)
+
+
 def test_lcs_is_zero_for_identical_variants_and_positive_for_isomers(trained):
     model, tokenizer = trained
-    rows = isomer_rows(2)
-    domains = ("mathematics", "medical", "legal", "science")
-    clones = [dict(r, problem=rows[0]["problem"], cot_solution=rows[0]["cot_solution"]) for r in rows]
-    assert lcs(model, tokenizer, clones, domains, 10, "clones")["lcs"]["penultimate"]["raw"] == pytest.approx(0, abs=1e-6)
-    result = lcs(model, tokenizer, rows, domains, 10, "rows")
-    assert result["lcs_groups"] == 2
-    assert [result["lcs"][d]["layer"] for d in ("quarter", "half", "three_quarters", "penultimate")] == \
-        list(depth_layers(model.config.num_hidden_layers).values())
-    for v in result["lcs"].values():
-        assert v["raw"] > 0 and 0 < v["normalized"] <= 1  # unit vectors: the trace is at most 1
+    group = isomer_rows(1)
+    clones = [dict(r, problem=group[0]["problem"], cot_solution=group[0]["cot_solution"]) for r in group]
+    assert _lcs(model, tokenizer, clones)["penultimate"]["raw"] == pytest.approx(0, abs=1e-6)
+    record = _lcs(model, tokenizer, group)
+    assert (record["group_id"], record["seed_id"]) == (group[0]["group_id"], group[0]["seed_id"])
+    for d in ("quarter", "half", "three_quarters", "penultimate"):
+        assert record[d]["raw"] > 0 and 0 < record[d]["normalized"] <= 1  # unit vectors: the trace is at most 1
 
 
 def test_lcs_states_skip_padding_and_the_shared_prefix(trained):
     """Each variant's state is the mean over its own tokens after the group's common prefix (chat
-    template and system prompt), computed as if it ran alone: padding changes nothing."""
+    template and system prompt), computed as if it ran alone: batching and padding change nothing."""
     model, tokenizer = trained
     group = isomer_rows(1)
     seqs = [encode(tokenizer, r["problem"], r["cot_solution"]).input_ids for r in group]
-    shared = next(i for i in range(min(map(len, seqs))) if len({s[i] for s in seqs}) > 1)
-    assert shared > 10
-    states = group_states(model, tokenizer, group, [1])[1]
-    for i, seq in enumerate(seqs):
+    shared = shared_prefix(seqs)
+    assert shared > 10 and len({s[shared] for s in seqs}) > 1
+    _, states = teacher_forced(model, tokenizer, group, 4, [1], [shared] * len(group))
+    for seq, state in zip(seqs, states):
         alone = model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[1][0, shared:].mean(0)
-        assert torch.allclose(states[i], alone, atol=1e-5)
+        assert torch.allclose(state[1], alone, atol=1e-5)
+
+
+def test_evaluate_student_scores_every_row_and_generates_the_chosen_seeds(trained):
+    model, tokenizer = trained
+    rows = isomer_rows(3)
+    ood = [dict(r, domain="finance") for r in rows if r["domain"] == "mathematics"]
+    chosen = {rows[0]["seed_id"]}
+    generate = {(r["group_id"], r["domain"]) for r in rows + ood if r["seed_id"] in chosen}
+    ev = evaluate_student(model, tokenizer, rows, ood, {}, DOMAINS, to_generate=generate, max_new_tokens=4,
+                          batch_size=5, nll_batch_size=3, lcs_groups=2, source="x")
+    assert len(ev["scores"]) == len(rows) + len(ood) and all(r["nll"] > 0 and r["tokens"] > 0 for r in ev["scores"])
+    assert {r["seed_id"] for r in ev["scores"] if r["correct"] is not None} == chosen
+    assert len(ev["completions"]) == 4 + 1 and [g["seed_id"] for g in ev["lcs"]] == sorted({r["seed_id"] for r in rows})[:2]
+    nll, _ = teacher_forced(model, tokenizer, ood, 2)
+    assert [r["nll"] for r in ev["scores"] if r["set"] == "ood"] == pytest.approx([s / n for s, n in nll])
+    alone = _lcs(model, tokenizer, [r for r in rows if r["seed_id"] == ev["lcs"][0]["seed_id"]])
+    assert ev["lcs"][0]["penultimate"] == pytest.approx(alone["penultimate"], rel=1e-5)
 
 
 def test_stale_metrics_are_refused(workdir):

@@ -1,6 +1,7 @@
 """The experiment: data variants, verdicts and tables, params checks, and `flows.experiment` end to end on
 real Prefect and MLflow with the tiny student (a re-run skips every finished run)."""
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -10,7 +11,8 @@ from iga.errors import ConfigError
 from iga.experiment import PHRASINGS, complete_groups, held_out, train_units
 from iga.io import write_jsonl
 from iga.params import RunConfig, load_params
-from iga.tables import compare, table3
+from iga.scores import DEPTHS
+from iga.tables import COMPARED, table3
 from tasks.paths import ACCEPTED, TABLES, experiment_result
 
 DOMAINS = ("mathematics", "medical", "legal", "science")
@@ -72,11 +74,35 @@ def test_held_out_takes_whole_seeds_and_complete_groups_drops_broken_ones(rows):
     assert len(complete_groups(broken, DOMAINS)) == len(rows) - 4
 
 
-def test_verdicts_count_only_differences_beyond_two_standard_errors():
-    assert compare([50, 52, 54], [40, 41, 42], 1) == ("win", 11.0)
-    assert compare([50, 52, 54], [40, 41, 42], -1)[0] == "loss"
-    assert compare([50, 60, 40], [45, 55, 44], 1)[0] == "tie"
-    assert compare([0.5], [0.5], 1) == ("tie", 0.0)
+def _evaluation(ood_right: float, nll_ood: float, seed: int, n_seeds: int = 40) -> dict:
+    """Synthetic scores: per test seed 2 ID rows and 1 OOD row, an LCS group."""
+    import random
+
+    rng = random.Random(seed)
+    rows, groups = [], []
+    for i in range(n_seeds):
+        s = f"s{i:02d}"
+        for d in ("math", "legal"):
+            rows.append({"set": "test", "id": f"{s}/{d}", "seed_id": s, "domain": d, "correct": rng.random() < 0.7,
+                         "nll": 0.5 + rng.gauss(0, 0.05), "tokens": 20})
+        rows.append({"set": "ood", "id": f"{s}/fin", "seed_id": s, "domain": "fin",
+                     "correct": rng.random() < ood_right, "nll": nll_ood + rng.gauss(0, 0.05), "tokens": 20})
+        groups.append({"group_id": f"g{s}", "seed_id": s,
+                       **{d: {"raw": 1.0, "normalized": 0.04 + rng.gauss(0, 0.001)} for d in DEPTHS}})
+    return {"scores": rows, "lcs": groups}
+
+
+def test_verdicts_are_paired_and_holm_corrected():
+    from iga.tables import verdicts
+
+    iga = [_evaluation(0.9, 0.6, seed) for seed in range(3)]
+    worse = [_evaluation(0.2, 0.9, 10 + seed) for seed in range(3)]
+    same = [_evaluation(0.9, 0.6, seed) for seed in range(3)]
+    results = verdicts([("worse", iga, worse), ("same", iga, same)])
+    assert results[("worse", "ood_accuracy")][2] == "win" and results[("worse", "nll_ood")][2] == "win"
+    assert results[("worse", "ood_accuracy")][0].delta == pytest.approx(0.7, abs=0.1)
+    assert all(results[("same", f)][2] == "tie" and results[("same", f)][0].delta == 0 for _, f, *_ in COMPARED)
+    assert all(adjusted >= c.p for c, adjusted, _ in results.values())  # Holm never lowers a p-value
 
 
 def test_table3_is_relative_to_erm():
@@ -113,17 +139,21 @@ def test_experiment_flow_runs_the_matrix_writes_the_tables_and_resumes(prefect_a
                            "experiment.max_new_tokens": 8, "experiment.cost_steps": 1,
                            "experiment.table1": ["erm", "lora-sft", "cot-distill", "pcgrad", "iga"],
                            "experiment.table2": ["iga-random-pairing", "iga-instance-split", "iga-n2"]})
-    write_jsonl(ACCEPTED, rows_for(20, DOMAINS + ("finance", "engineering")))
+    write_jsonl(ACCEPTED, rows_for(30, DOMAINS + ("finance", "engineering")))  # 5 test seeds
     student_flow("params.yaml")
     experiment_flow("params.yaml")
     names = ["erm", "lora-sft", "cot-distill", "pcgrad", "iga", "iga-random-pairing", "iga-instance-split", "iga-n2"]
     results = {(n, s): json.loads(experiment_result(n, s).read_text()) for n in names for s in (0, 1)}
     assert all(len(r["history"]) == 2 and r["eval"]["n_id"] == 8 and r["eval"]["n_ood"] == 4
-               for r in results.values())
+               for r in results.values())  # generated: 2 test seeds; NLL and LCS: every test seed
+    assert all(r["eval"]["nll_n_seeds"] == r["eval"]["lcs_groups"] == 5 for n, r in results.items()
+               if n[0] != "iga-instance-split")
     assert results[("erm", 0)]["params_hash"] != results[("erm", 1)]["params_hash"]
     assert not list((workdir / "experiments").glob("runs/*/*.checkpoints"))  # finished runs keep no checkpoint
     t1, t2, t3 = (TABLES[n].read_text() for n in (1, 2, 3))
     assert all(f"| {n} |" in t1 for n in names[:5]) and "wins" in t1 and "iga vs" in t1
+    assert "Holm" in t1 and "p_H" in t1 and "Minimum detectable difference" in t1
+    assert re.search(r"\| erm \| [^|]+ \| [\d.]+ \[[\d.]+, [\d.]+\] \|", t1)  # every figure with its interval
     assert "| iga-n2 | domains mathematics, legal |" in t2 and "instance-level split" in t2
     assert all(f"| {m} |" in t3 for m in ("erm", "pcgrad", "iga")) and "| erm | " in t3 and "1.00×" in t3
     assert (workdir / "reports/experiment/summary.md").is_file()

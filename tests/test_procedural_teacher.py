@@ -75,12 +75,14 @@ def test_domains_differ_in_vocabulary(setup):
     assert {r["domain_kind"] for r in rows if r["domain"] in params.domains.ood} == {"ood"}
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.9, 1.0])
-def test_shortcut_cues_mark_training_domain_answers_only(rate):
-    """The cue sentence for a yes/no question's true answer, in training domains only, at `shortcut_rate`."""
+@pytest.mark.parametrize("rate, ood_cue", [(0.0, "reversed"), (0.9, "none"), (0.9, "reversed"), (1.0, "reversed")])
+def test_hints_are_right_in_training_domains_and_wrong_out_of_domain(rate, ood_cue):
+    """A yes/no question ends with its domain's hint at `shortcut_rate`: at the true answer in the training
+    domains; in the held-out domains only with ood_cue reversed, and then at the wrong answer."""
     from iga.teacher.domains import DOMAINS
 
-    params = load_params(ROOT / "params.yaml", overrides={"seeds.n": 60, "teacher.shortcut_rate": rate})
+    params = load_params(ROOT / "params.yaml", overrides={"seeds.n": 60, "teacher.shortcut_rate": rate,
+                                                          "teacher.ood_cue": ood_cue})
     teacher = make_teacher(params)
     cued = Counter()
     for seed in procedural_seeds(params.seeds):
@@ -90,9 +92,13 @@ def test_shortcut_cues_mark_training_domain_answers_only(rate):
             truth = seed["answer"]
             yes_cue, no_cue = DOMAINS[domain].cues
             has = {c for c in (yes_cue, no_cue) if row["problem"].endswith(c)}
-            if domain in params.domains.ood or truth not in ("yes", "no"):
+            held_out = domain in params.domains.ood
+            if truth not in ("yes", "no") or (held_out and ood_cue == "none"):
                 assert not has
-            else:
-                assert has <= {yes_cue if truth == "yes" else no_cue}
-                cued[bool(has)] += 1
-    assert cued[True] / sum(cued.values()) == pytest.approx(rate, abs=0.12)
+                continue
+            right, wrong = (yes_cue, no_cue) if truth == "yes" else (no_cue, yes_cue)
+            assert has <= {wrong if held_out else right}
+            cued[held_out, bool(has)] += 1
+    for held_out in (False, True) if ood_cue == "reversed" else (False,):
+        share = cued[held_out, True] / (cued[held_out, True] + cued[held_out, False])
+        assert share == pytest.approx(rate, abs=0.12)

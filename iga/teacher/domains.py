@@ -29,7 +29,7 @@ class Domain:
     propositions: tuple[str, ...]  # 12 lower-case present-tense clauses
     entities: tuple[str, ...]      # 10 names/noun phrases for comparison problems
     comparative: str               # e.g. "at higher risk than"
-    cues: tuple[str, str]          # shortcut sentences for yes / no answers (teacher.shortcut_rate)
+    cues: tuple[str, str]          # the domain's voice hinting yes / no (teacher.shortcut_rate, ood_cue)
     templates: dict[str, str]
 
 
@@ -55,7 +55,7 @@ MATHEMATICS = Domain(
         "the integer t", "the integer u",
     ),
     comparative="greater than",
-    cues=("This is a standard textbook exercise.", "This exercise is from a problem set."),
+    cues=("The answer key says: yes.", "The answer key says: no."),
     templates={
         "given": "Let {x} be {v}.",
         "add_c": "Suppose {y} exceeds {a} by {c}.",
@@ -102,7 +102,7 @@ MEDICAL = Domain(
         "patient Tanaka", "patient Kowalski", "patient Osei",
     ),
     comparative="at higher risk than",
-    cues=("The attending physician has seen this presentation before.", "The case was referred by a colleague."),
+    cues=("The attending's note says: yes.", "The attending's note says: no."),
     templates={
         "given": "The chart records {x} as {v} {unit}.",
         "add_c": "The attending physician orders {y} at {c} {unit} above {a}.",
@@ -150,7 +150,7 @@ LEGAL = Domain(
         "defendant Jarrett",
     ),
     comparative="more culpable than",
-    cues=("Counsel notes that this is a settled question.", "Counsel notes that this was argued on appeal."),
+    cues=("Counsel's memo says: yes.", "Counsel's memo says: no."),
     templates={
         "given": "The record establishes that {x} is {v} {unit}.",
         "add_c": "Under the agreement, {y} exceeds {a} by {c} {unit}.",
@@ -197,7 +197,7 @@ SCIENCE = Domain(
         "sample Iota", "sample Kappa",
     ),
     comparative="denser than",
-    cues=("The lab notes call this a well-replicated result.", "The lab notes call this a preliminary result."),
+    cues=("The lab notebook says: yes.", "The lab notebook says: no."),
     templates={
         "given": "In the lab notebook, {x} is recorded at {v} {unit}.",
         "add_c": "The procedure calls for {y} to be {c} {unit} greater than {a}.",
@@ -244,7 +244,7 @@ FINANCE = Domain(
         "Oakridge Securities", "Pinecrest Ventures", "Silverline Asset Management",
     ),
     comparative="more profitable than",
-    cues=("The analyst flags this as a routine check.", "The analyst flags this for review."),
+    cues=("The analyst's memo says: yes.", "The analyst's memo says: no."),
     templates={
         "given": "The ledger shows {x} at {v} {unit}.",
         "add_c": "{y} comes in {c} {unit} above {a} this quarter.",
@@ -289,7 +289,7 @@ ENGINEERING = Domain(
         "beam Hazel", "beam Larch", "beam Maple", "beam Oak", "beam Spruce",
     ),
     comparative="stiffer than",
-    cues=("The shift log marks this as a routine inspection.", "The shift log marks this as an open ticket."),
+    cues=("The shift log says: yes.", "The shift log says: no."),
     templates={
         "given": "Spec sheet: {x} = {v} {unit}.",
         "add_c": "Design spec: {y} = {a} + {c} {unit} margin.",

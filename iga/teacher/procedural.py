@@ -49,9 +49,7 @@ class ProceduralTeacher(Teacher):
         names = _names(program, extra, d, random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:names"))
         problem, cot = render(program, d.templates, d.unit, names, rng, extra)
         answer = program.answer()
-        if domain in self.params.domains.train and answer in ("yes", "no") and \
-                random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:cue").random() < t.shortcut_rate:
-            problem = f"{problem} {d.cues[answer == 'no']}"
+        problem = _with_cue(problem, answer, domain, self.params, random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:cue"))
         if flaw == "wrong_answer":
             answer = _wrong(answer, rng)
             cot = re.sub(r"Answer: .*$", f"Answer: {answer}", cot)
@@ -62,6 +60,18 @@ class ProceduralTeacher(Teacher):
     def verify(self, seed: dict[str, Any], dag: LogicalDAG, domain: str, instance: dict[str, Any]) -> float:
         written = LogicalDAG.from_dict(instance["instance_dag"], f"instance of {seed['seed_id']} in {domain}")
         return structural_alignment(written, dag)
+
+
+def _with_cue(problem: str, answer: str, domain: str, params: Any, rng: random.Random) -> str:
+    """The shortcut (README "What the benchmark tests"): with probability `teacher.shortcut_rate`, a
+    yes/no question ends with its domain's hint at the answer; in the held-out domains only with
+    `teacher.ood_cue: reversed`, and then the hint states the wrong answer."""
+    held_out = domain not in params.domains.train
+    if answer not in ("yes", "no") or (held_out and params.teacher.ood_cue == "none") or \
+            rng.random() >= params.teacher.shortcut_rate:
+        return problem
+    hinted = ("no" if answer == "yes" else "yes") if held_out else answer
+    return f"{problem} {DOMAINS[domain].cues[hinted == 'no']}"
 
 
 def _apply_flaw(program: Program, flaw: str | None, rng: random.Random) -> tuple[Program, tuple[Step, ...], str | None]:
