@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from iga.scores import Comparison, Evaluation, compare
 from iga.stats import holm
 
-# registry.primary_metric -> (figure of iga.scores, +1 when higher is better, display scale, unit)
+# registry.primary_metric -> (figure of iga.scores, +1 when higher is better, display scale, unit, decimals)
 PRIMARY = {"ood_accuracy": ("ood_accuracy", 1, 100.0, " pp", 1), "ood_nll": ("nll_ood", -1, 1.0, " nats/token", 3)}
 
 
