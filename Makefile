@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 demo: install
 	@start=$$(date +%s); $(PY) -m flows.lifecycle && echo "demo wall time: $$(( $$(date +%s) - start )) s"
 
-# The default test run (well under 15 minutes); `make test-all` adds the slow tests.
+# The default test run (tests marked `slow` excluded; times in README "Measured"); `make test-all` adds them.
 test: install
 	$(PY) -m pytest -m "not slow" -q
 
