@@ -30,7 +30,7 @@ def cluster_bootstrap_ci(values: Sequence | np.ndarray, clusters: Clusters, stat
     or is a pair (outer, inner) of such arrays for the two-level bootstrap of the module docstring.
     """
     values = np.asarray(values, dtype=float)
-    reps = _replicates([values], clusters, stat, n_boot, seed)
+    reps = _replicates([values], clusters, lambda v: stat(v), n_boot, seed)
     lo, hi = _percentiles(reps, level)
     return float(stat(values)), lo, hi
 
@@ -59,7 +59,8 @@ def unpaired_bootstrap_diff(a: Sequence | np.ndarray, clusters_a: Clusters, b: S
     """(delta, lo, hi, p) for delta = stat(a) − stat(b) when a and b were measured on different
     observations (nothing to pair): each side's clusters are resampled independently."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    reps = _replicates([a], clusters_a, stat, n_boot, seed) - _replicates([b], clusters_b, stat, n_boot, seed + 1)
+    reps = (_replicates([a], clusters_a, lambda x: stat(x), n_boot, seed)
+            - _replicates([b], clusters_b, lambda x: stat(x), n_boot, seed + 1))
     lo, hi = _percentiles(reps, level)
     return float(stat(a) - stat(b)), lo, hi, _bootstrap_p(reps, alternative)
 
