@@ -5,7 +5,14 @@ latency L; the teacher's call engine keeps C calls in flight, each cached, accou
 in a real stage. For reference, the bare async openai client on the same calls is measured in the
 same run. The last line is `throughput/limit: X.XX` (goal: >= 0.90 at C = 64, L = 100 ms).
 
+With `--hidden-rpm R` the server enforces R requests per minute that the engine is not told (teacher.rpm
+and tpm unset): once with the limit announced in x-ratelimit-* headers, once without, each run printing
+the calls answered against what the limit allows in that time (R / 60 per second, plus the one second's
+worth the server's bucket holds at the start) and the share of requests answered 429 (goal with
+headers: >= 0.90 of the limit with <= 5 % of requests 429'd).
+
     python benchmarks/teacher_throughput.py [--concurrency 64] [--latency 0.1] [--rounds 60]
+    python benchmarks/teacher_throughput.py --hidden-rpm 6000 [--calls 3000]
 """
 from __future__ import annotations
 
@@ -78,31 +85,77 @@ def raw_client_rate(base_url: str, bodies: list[dict], concurrency: int) -> floa
     return asyncio.run(run())
 
 
+def start_server(latency: float, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_server.py"), "--port", str(port),
+                               "--latency", str(latency), *extra])
+    try:
+        wait_listening(port, server)
+    except BaseException:
+        server.terminate()
+        raise
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
+def engine_and_calls(base_url: str, cache: str, concurrency: int, n: int, max_retries: int = 0):
+    """A call engine as a stage builds it (rpm and tpm unset) and n distinct verify calls."""
+    params = load_params(ROOT / "params.yaml", overrides={
+        "seeds.source": "jsonl", "seeds.path": "unused.jsonl", "teacher.provider": "openai",
+        "teacher.openai.model": "gpt-4o-mini", "teacher.openai.base_url": base_url,
+        "teacher.openai.max_retries": max_retries, "teacher.concurrency": concurrency, "teacher.rpm": None,
+        "teacher.tpm": None, "teacher.cache_dir": cache, "teacher.budget_usd": 1e6})
+    prompts = load_prompts(params.teacher.openai.prompt_version)
+    calls = [request(params, prompts, "verify", 1, 1, dag="{}", domain="medical",
+                     instance_problem=f"problem {i}", instance_solution="Step 1: ...") for i in range(n)]
+    return CallEngine(params, "sk-bench", params.teacher.budget_usd), calls
+
+
+def hidden_limit(args: argparse.Namespace) -> None:
+    """The engine against a limit it is not told, announced in headers or not."""
+    limit = args.hidden_rpm / 60
+    print(f"hidden limit {args.hidden_rpm:.0f} requests/min = {limit:.1f}/s; C = {args.concurrency}, "
+          f"L = {args.latency * 1000:.0f} ms, {args.calls} calls, {os.cpu_count()} CPUs; teacher.rpm/tpm unset")
+    for label, extra in (("announced in x-ratelimit headers", []), ("not announced", ["--no-limit-headers"])):
+        server, base_url = start_server(args.latency, "--rpm", str(args.hidden_rpm), *extra)
+        try:
+            (ROOT / ".cache").mkdir(exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as cache:
+                engine, calls = engine_and_calls(base_url, cache, args.concurrency, args.calls, max_retries=20)
+                try:
+                    start = time.perf_counter()
+                    engine.fetch(calls)
+                    elapsed = time.perf_counter() - start
+                finally:
+                    engine.close()
+                rows = engine.ledger.rows()
+        finally:
+            server.terminate()
+            server.wait()
+        answered = sum(r["error"] is None for r in rows)
+        attempts = sum(r["attempts"] for r in rows)
+        allowed = limit * elapsed + limit  # the rate for the run's time, plus one second's worth saved up at the start
+        print(f"limit {label:34s} throughput/limit: {answered / allowed:.2f} "
+              f"({answered / elapsed:.1f}/s in {elapsed:.1f} s); 429'd: {(attempts - len(rows)) / attempts:.1%} "
+              f"of {attempts} requests; {len(rows) - answered} calls failed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.1, help="seconds")
     parser.add_argument("--rounds", type=int, default=60, help="calls = rounds x concurrency (~7 s at the defaults)")
+    parser.add_argument("--hidden-rpm", type=float, help="measure against a limit the engine is not told")
+    parser.add_argument("--calls", type=int, default=3000, help="--hidden-rpm: calls per run (30 s each at 6000)")
     args = parser.parse_args()
+    if args.hidden_rpm:
+        return hidden_limit(args)
     c, lat, n = args.concurrency, args.latency, args.rounds * args.concurrency
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_server.py"), "--port", str(port),
-                               "--latency", str(lat)])
+    server, base_url = start_server(lat)
     try:
-        wait_listening(port, server)
-        base_url = f"http://127.0.0.1:{port}/v1"
         (ROOT / ".cache").mkdir(exist_ok=True)  # where the cache lives by default: the disk matters
         with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as cache:
-            params = load_params(ROOT / "params.yaml", overrides={
-                "seeds.source": "jsonl", "seeds.path": "unused.jsonl", "teacher.provider": "openai",
-                "teacher.openai.model": "gpt-4o-mini", "teacher.openai.base_url": base_url,
-                "teacher.openai.max_retries": 0, "teacher.concurrency": c, "teacher.rpm": None,
-                "teacher.tpm": None, "teacher.cache_dir": cache, "teacher.budget_usd": 1e6})
-            prompts = load_prompts(params.teacher.openai.prompt_version)
-            calls = [request(params, prompts, "verify", 1, 1, dag="{}", domain="medical",
-                             instance_problem=f"problem {i}", instance_solution="Step 1: ...") for i in range(n + c)]
-            engine = CallEngine(params, "sk-bench", params.teacher.budget_usd)
+            engine, calls = engine_and_calls(base_url, cache, c, n + c)
             try:
                 engine.fetch(calls[:c])  # warm the connections
                 server_cpu = cpu_seconds(server.pid)

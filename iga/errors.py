@@ -33,3 +33,12 @@ class TeacherAbort(IGAError):
 
 class BudgetExceeded(TeacherAbort):
     """The next call could push the stage's spending past teacher.budget_usd."""
+
+
+class HealthError(IGAError):
+    """A data stage's output fell below its floor (every teacher call failed, too few groups kept, an
+    empty side of the split): the stage fails instead of handing nothing to the next one."""
+
+
+class Busy(IGAError):
+    """Another run holds the lock this one needs (two lifecycle runs in one project at once)."""

@@ -52,6 +52,7 @@ class OpenAIParams:
     max_retries: int  # retries per call of a 429, 5xx, timeout or connection error (backoff with jitter)
     backoff_s: float  # the first retry's backoff ceiling; doubles per retry (full jitter), Retry-After wins
     backoff_max_s: float
+    breaker: int  # this many connection errors in a row, across calls, stop the stage (a dead endpoint)
     prompt_version: str
 
 
@@ -86,7 +87,8 @@ class TeacherParams:
 class GateParams:
     min_alignment: float
     max_step_diff: int
-    max_attempts: int  # teacher attempts per instance, the first included
+    max_attempts: int  # teacher attempts per instance (and per seed's DAG), the first included
+    min_kept_fraction: float  # the gate stage fails below this share of groups kept
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,7 @@ def _validate(p: Params) -> None:
     _check(t.openai.max_retries >= 0, "teacher.openai.max_retries", "must be >= 0", t.openai.max_retries)
     _check(0 <= t.openai.backoff_s <= t.openai.backoff_max_s, "teacher.openai.backoff_s",
            "must be in [0, backoff_max_s]", t.openai.backoff_s)
+    _check(t.openai.breaker >= 1, "teacher.openai.breaker", "must be >= 1", t.openai.breaker)
     _check(t.concurrency >= 1, "teacher.concurrency", "must be >= 1", t.concurrency)
     for key in ("rpm", "tpm", "budget_usd"):
         _check(getattr(t, key) is None or getattr(t, key) > 0, f"teacher.{key}", "must be > 0 or null",
@@ -368,6 +371,7 @@ def _validate(p: Params) -> None:
     _check(0.0 <= g.min_alignment <= 1.0, "gate.min_alignment", "must be in [0, 1]", g.min_alignment)
     _check(g.max_step_diff >= 0, "gate.max_step_diff", "must be >= 0", g.max_step_diff)
     _check(g.max_attempts >= 1, "gate.max_attempts", "must be >= 1", g.max_attempts)
+    _check(0.0 <= g.min_kept_fraction <= 1.0, "gate.min_kept_fraction", "must be in [0, 1]", g.min_kept_fraction)
     _check(0.0 < sp.test_fraction < 1.0, "split.test_fraction", "must be in (0, 1)", sp.test_fraction)
     lo, tr = p.lora, p.train
     _check(lo.r >= 1, "lora.r", "must be >= 1", lo.r)

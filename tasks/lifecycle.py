@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,42 @@ from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from iga.errors import IGAError
-from iga.io import read_jsonl
+from iga.io import exclusive, leftover_temporaries, read_jsonl
 from iga.params import Params
 from iga.report import RunResult, table1, write_report
 from tasks import tracking
 from tasks.evaluate import load_eval_metrics
-from tasks.paths import REPORTS, history_file, scores_file, train_metrics
+from tasks.paths import LIFECYCLE_LOCK, REPORTS, history_file, scores_file, train_metrics
+
+# Where a killed run can leave the temporary siblings of its atomic writes.
+OUTPUT_DIRS = ("data", "models", "metrics", "plots", "reports")
+
+
+def one_at_a_time():
+    """The lifecycle's lock: a second run in the same project (a scheduled one firing while a manual one
+    goes) stops at once with a clear message instead of racing the first over the same files."""
+    return exclusive(LIFECYCLE_LOCK, "a lifecycle run")
+
+
+@task(cache_policy=NO_CACHE)
+def clean_up_after_kills() -> None:
+    """What a killed lifecycle left, removed under the lock (no other run can be writing): the temporary
+    files of interrupted atomic writes, and MLflow lifecycle runs still marked RUNNING."""
+    log = get_run_logger()
+    partial = [p for d in OUTPUT_DIRS for p in leftover_temporaries(d)]
+    for path in partial:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if partial:
+        log.info("removed %d temporary files of interrupted writes", len(partial))
+    mlflow = tracking.mlflow_module()
+    client = mlflow.MlflowClient()
+    running = "attributes.status = 'RUNNING'"
+    for parent in mlflow.search_runs(filter_string=f"tags.lifecycle = 'parent' and {running}", output_format="list"):
+        children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and {running}",
+                                      output_format="list")
+        for run in [*children, parent]:
+            client.set_terminated(run.info.run_id, "KILLED")
+        log.info("MLflow run %s of a killed lifecycle run marked KILLED", parent.info.run_id)
 
 
 @task(cache_policy=NO_CACHE)

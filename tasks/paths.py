@@ -10,6 +10,7 @@ TEACHER_METRICS = Path("metrics/teacher.json")  # both ledgers' totals
 ACCEPTED = Path("data/gate/accepted.jsonl")
 REJECTS = Path("data/gate/rejects.jsonl")
 REGENERATED = Path("data/gate/regenerated.jsonl")
+GATE_DAGS = Path("data/gate/dags.jsonl")  # every seed's DAG as the gate used it (regenerated extractions included)
 GATE_DOCS = Path("data/gate/docs")
 TRAIN = Path("data/split/train.jsonl")
 TEST = Path("data/split/test.jsonl")
@@ -18,6 +19,7 @@ GATE_METRICS = Path("metrics/gate.json")
 SPLIT_METRICS = Path("metrics/split.json")
 BASE_MODEL = Path("models/base")
 STUDENT_METRICS = Path("metrics/student.json")
+LIFECYCLE_LOCK = Path(".cache/lifecycle.lock")  # held by a running lifecycle (iga.io.exclusive)
 REPORTS = Path("reports")  # summary.md and its plots, written by the lifecycle after registration
 
 

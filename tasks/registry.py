@@ -118,7 +118,7 @@ def register(params: Params, results: list[RunResult]) -> dict[str, Any]:
                 mlflow.log_artifact(str(scores_file(r.method)))  # every problem's outcome, for later comparisons
                 version = _version_with(client, name, md5)
                 if version is None:
-                    version = _new_version(client, params, r, md5, commit)
+                    version = _new_version(params, r, md5, commit)
                     log.info("%s: registered %s version %s", r.method, name, version.version)
                 else:
                     log.info("%s: adapter unchanged, already %s version %s", r.method, name, version.version)
@@ -131,19 +131,18 @@ def register(params: Params, results: list[RunResult]) -> dict[str, Any]:
             "versions": {m: v.version for m, v in versions.items()}, **state}
 
 
-def _new_version(client: Any, params: Params, result: RunResult, adapter_md5: str, commit: str) -> Any:
-    """Log the adapter as a pyfunc model in the active run and register it, tagged with what it came from."""
-    name = params.registry.model_name
+def _new_version(params: Params, result: RunResult, adapter_md5: str, commit: str) -> Any:
+    """Log the adapter as a pyfunc model in the active run and register it, tagged with what it came from.
+    The tags come with the version in one call: a run killed between the two would otherwise leave a
+    version without its adapter_md5, which the next run could not find and would register again."""
     info = mlflow.pyfunc.log_model(
         name="student", python_model=Student(), artifacts={"adapter": str(adapter_dir(result.method))},
         model_config={"base_dir": str(BASE_MODEL.resolve()), "base": params.student.base, "dtype": params.eval.dtype,
                       "max_new_tokens": params.eval.max_new_tokens, "batch_size": params.eval.batch_size},
-        pip_requirements=["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2"], registered_model_name=name)
-    version = str(info.registered_model_version)
-    for key, value in {"method": result.method, "seed": str(result.seed), "adapter_md5": adapter_md5,
-                       "git_commit": commit, "student_base": params.student.base}.items():
-        client.set_model_version_tag(name, version, key, value)
-    return client.get_model_version(name, version)
+        pip_requirements=["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2"])
+    return mlflow.register_model(info.model_uri, params.registry.model_name, tags={
+        "method": result.method, "seed": str(result.seed), "adapter_md5": adapter_md5, "git_commit": commit,
+        "student_base": params.student.base})
 
 
 def _tag_scores(client: Any, name: str, version: str, method: str, metrics: dict[str, Any], key: str,

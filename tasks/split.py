@@ -5,6 +5,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from iga.health import check_split
 from iga.io import read_jsonl, write_json, write_jsonl
 from iga.params import Params
 from iga.split import LEAKAGE_WARNING, split
@@ -24,4 +25,5 @@ def split_accepted(params: Params) -> dict[str, Any]:
     write_json(SPLIT_METRICS, metrics)
     log.info("split by %s: %d train / %d test seeds; rows %s", params.split.unit, metrics["seeds_train"],
              metrics["seeds_test"], metrics["rows"])
+    check_split(metrics)  # after the writes: the files show what went wrong
     return metrics

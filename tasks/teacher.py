@@ -13,6 +13,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from iga.errors import ConfigError, TeacherAbort
+from iga.health import check_teacher
 from iga.io import read_jsonl, write_json, write_jsonl
 from iga.params import Params
 from iga.teacher import Teacher, make_teacher
@@ -53,6 +54,13 @@ def teach_chunk(seeds: list[Row], teacher: Teacher) -> tuple[list[Row], list[Row
     dags = teacher.map(teacher.extraction, seeds)
     jobs = [(seed, dag, domain) for seed, dag in zip(seeds, dags, strict=True) for domain in teacher.params.domains.all]
     return dags, teacher.map(lambda job: teacher.isomer(*job, attempt=1), jobs)
+
+
+@chunk_task
+def reextract_chunk(requests: list[tuple[Row, int]], teacher: Teacher) -> list[Row]:
+    """New extractions (extract, and annotate for a seed without a CoT) of seeds that have no DAG:
+    (seed, attempt) each."""
+    return teacher.map(lambda request: teacher.extraction(*request), requests)
 
 
 @chunk_task
@@ -119,4 +127,5 @@ def write_isomers(dags: list[Row], rows: list[Row]) -> None:
     failed = sum(r["error"] is not None for r in rows)
     get_run_logger().info("%d DAGs (%d failed), %d instances (%d teacher errors) -> %s",
                           len(dags), sum(d["error"] is not None for d in dags), len(rows), failed, INSTANCES)
+    check_teacher(dags, rows)
 

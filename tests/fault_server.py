@@ -55,6 +55,43 @@ USAGE = {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150}
 FAULTS = ("429", "500", "timeout", "malformed", "truncated")
 
 
+class HiddenLimit:
+    """A rate limit the client is not configured with, enforced as OpenAI does and announced in its
+    `x-ratelimit-*` headers: requests and tokens per minute, each a bucket that holds one second's worth
+    (OpenAI enforces per-minute limits over shorter periods) and refills continuously. A request counts
+    its prompt (~4 characters a token) plus its max_tokens, as OpenAI's limiter counts it."""
+
+    def __init__(self, rpm: float | None, tpm: float | None, headers: bool = True):
+        self.limits = {k: v for k, v in (("requests", rpm), ("tokens", tpm)) if v}
+        self.level = {k: v / 60 for k, v in self.limits.items()}
+        self.last = time.monotonic()
+        self.headers = headers
+        self.limited = 0  # requests answered 429 by this limit
+
+    def take(self, body: dict[str, Any]) -> tuple[float | None, dict[str, str]]:
+        """(None, headers) if the request fits, else (seconds until it would, headers). Call under the lock."""
+        now = time.monotonic()
+        for k, per_minute in self.limits.items():
+            self.level[k] = min(per_minute / 60, self.level[k] + (now - self.last) * per_minute / 60)
+        self.last = now
+        cost = {"requests": 1.0, "tokens": len(json.dumps(body.get("messages", ""))) / 4 + body.get("max_tokens", 0)}
+        short = {k: cost[k] - self.level[k] for k in self.limits if self.level[k] < cost[k]}
+        wait = max((need * 60 / self.limits[k] for k, need in short.items()), default=None)
+        if wait is None:
+            for k in self.limits:
+                self.level[k] -= cost[k]
+        else:
+            self.limited += 1
+        headers = {}
+        if self.headers:
+            for k, per_minute in self.limits.items():
+                full = (per_minute / 60 - self.level[k]) * 60 / per_minute
+                headers |= {f"x-ratelimit-limit-{k}": str(int(per_minute)),
+                            f"x-ratelimit-remaining-{k}": str(max(0, int(self.level[k]))),
+                            f"x-ratelimit-reset-{k}": f"{full:.3f}s"}
+        return wait, headers
+
+
 def body_key(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -83,6 +120,7 @@ class State:
     raw_body: str = ""              # the body of mode "raw"
     responder: Callable[[str, dict], Any] | None = None  # (schema name, body) -> answer (JSON, or raw text)
     record: bool = True             # keep every request (headers and body) in `requests`
+    limit: HiddenLimit | None = None  # an enforced rate limit, announced in x-ratelimit-* headers
     # Batches: share of lines that fail (an error line) or go missing from the output file (per arrival,
     # as online faults, so also capped by max_faults_per_key).
     batch_fail_rate: float = 0.0
@@ -160,6 +198,10 @@ async def chat(request: Request) -> Response:
         fault = _fault(state, key, arrival) if mode == "ok" else None
         if fault:
             state.injected[fault] += 1
+        wait, limit_headers = state.limit.take(body) if state.limit else (None, {})
+    if wait is not None:
+        return _error(429, "Rate limit reached for requests per min (RPM). Please try again later.", "requests",
+                      "rate_limit_exceeded", {"retry-after-ms": str(max(1, int(wait * 1000))), **limit_headers})
     if fault == "429" or mode == "http429":
         return _error(429, "Rate limit reached for requests per min (RPM). Please try again later.", "requests",
                       "rate_limit_exceeded", {"retry-after-ms": str(int(state.retry_after_s * 1000)),
@@ -186,7 +228,7 @@ async def chat(request: Request) -> Response:
     status, payload = completion(state, body, fault or mode)
     with state.lock:
         state.paid[key] += 1
-    return JSONResponse(payload, status_code=status)
+    return JSONResponse(payload, status_code=status, headers=limit_headers)
 
 
 async def upload(request: Request) -> Response:
@@ -323,8 +365,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--latency", type=float, default=0.1, help="seconds added to every completion")
+    parser.add_argument("--rpm", type=float, help="a hidden requests-per-minute limit (HiddenLimit)")
+    parser.add_argument("--tpm", type=float, help="a hidden tokens-per-minute limit")
+    parser.add_argument("--no-limit-headers", action="store_true", help="enforce the limit without announcing it")
     args = parser.parse_args()
-    state = State(latency_s=args.latency, record=False)
+    limit = HiddenLimit(args.rpm, args.tpm, not args.no_limit_headers) if args.rpm or args.tpm else None
+    state = State(latency_s=args.latency, record=False, limit=limit)
     uvicorn.run(app(state), host="127.0.0.1", port=args.port, log_level="warning", backlog=4096,
                 access_log=False)
 

@@ -62,7 +62,20 @@ def test_malformed_seed_file_fails_the_stage(prefect_api_url, tmp_path):
     proc = _run_stage("seeds", tmp_path, prefect_api_url)
     assert proc.returncode == 2
     assert "error: seeds.jsonl:2: duplicate id 'a' (first on line 1)" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr  # one line, not Prefect's tracebacks before it
     assert not (tmp_path / "data/seeds/seeds.jsonl").exists()
+
+
+def test_a_gate_below_its_floor_fails_the_stage_with_its_reasons(prefect_api_url, tmp_path):
+    """The procedural teacher's flaws cost some groups (test_data_flow_end_to_end): a floor of 1.0 fails."""
+    write_params(tmp_path, {"gate.min_kept_fraction": 1.0})
+    proc = _run_stage("data", tmp_path, prefect_api_url)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith("error: gate: kept ") and "of 30 groups" in line
+    assert "below gate.min_kept_fraction 1.0; top rejections: " in line and "(x" in line
+    assert read_jsonl(tmp_path / "data/gate/rejects.jsonl")  # written before the stop, for the diagnosis
+    assert not (tmp_path / "data/split").exists()
 
 
 def test_openai_without_key_fails_before_any_work(tmp_path):
@@ -76,3 +89,14 @@ def test_invalid_params_name_the_key(tmp_path):
     write_params(tmp_path, {"gate.min_alignment": 2})
     proc = _run_stage("gate", tmp_path, "http://127.0.0.1:9/api")
     assert proc.returncode == 2 and "gate.min_alignment must be in [0, 1]" in proc.stderr
+
+
+def test_telemetry_is_off_from_the_code_however_a_stage_starts():
+    """`dvc repro` runs `python -m flows.<stage>` without the Makefile's environment: the flows package
+    itself turns usage reporting off (and a value the user set wins)."""
+    names = ("PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "GX_ANALYTICS_ENABLED", "DVC_NO_ANALYTICS",
+             "DO_NOT_TRACK")
+    env = {k: v for k, v in os.environ.items() if k not in names} | {"PYTHONPATH": str(ROOT), "DO_NOT_TRACK": "1"}
+    code = "import os, flows; print(' '.join(os.environ[n] for n in %r))" % (names,)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["false", "true", "false", "1", "1"]

@@ -207,6 +207,86 @@ def test_a_rejected_answer_is_replaced_by_the_next_try(server, teacher):
     assert server.state.names() == ["instantiate", "instantiate", "verify"]
 
 
+CYCLIC = dict(DAG, edges=[*DAG["edges"], {"from": "q0", "to": "goal", "label": "REQUIRES"}])
+
+
+def first_n(name: str, n: int, answer: Any):
+    """A responder that gives `answer` to the first n requests of prompt `name`, valid answers otherwise."""
+    from fault_server import VALID
+
+    seen = {"n": 0}
+
+    def respond(asked: str, body: dict[str, Any]) -> Any:
+        if asked == name and seen["n"] < n:
+            seen["n"] += 1
+            return answer
+        return VALID[asked]
+
+    return respond
+
+
+def test_an_unusable_dag_is_a_rejected_try_and_the_next_sample_is_taken(server, teacher):
+    """A DAG that passes the JSON schema but has a cycle is rejected like bad JSON, with its reason."""
+    server.state.responder = first_n("extract", 1, CYCLIC)
+    ext = extract(teacher)
+    assert ext["error"] is None and ext["dag"] == DAG
+    assert server.state.names() == ["extract", "extract", "annotate"]
+    rejected = [r for r in teacher.ledger() if r["error"]]
+    assert len(rejected) == 1 and "edges form a cycle" in rejected[0]["error"]
+
+
+def test_unusable_dags_fail_the_extraction_and_a_rerun_never_takes_one(server, params):
+    server.state.responder = first_n("extract", 99, CYCLIC)
+    teacher = make_teacher(params)
+    ext = extract(teacher)
+    teacher.close()
+    assert ext["dag"] is None and ext["error"] == "extract: DAG of seed s1: edges form a cycle"
+    assert server.state.names() == ["extract", "extract"]  # gate.max_attempts tries
+    again = make_teacher(params)  # a re-run replays the cached tries: the same rejection, nothing paid
+    assert extract(again)["error"] == ext["error"] and len(server.state.requests) == 2
+    server.state.responder = None  # the gate's regeneration (attempt 2) asks for new samples
+    assert again.map(lambda seed: again.extraction(seed, 2), [SEED])[0]["dag"] == DAG
+    again.close()
+
+
+def test_an_instance_without_a_readable_answer_is_a_rejected_try(server, teacher):
+    ext = ok_extraction(teacher, server)
+    server.state.responder = first_n("instantiate", 1, dict(INSTANCE, cot_solution="Step 1: 3 + 4 = 7"))
+    row = isomer(teacher, ext, "medical")
+    assert row["error"] is None and row["cot_solution"] == INSTANCE["cot_solution"]
+    assert server.state.names() == ["instantiate", "instantiate", "verify"]
+
+
+def test_the_ledger_times_the_whole_call_and_counts_its_attempts(server, tmp_path):
+    """latency_s runs from the first attempt to the answer, the server's Retry-After wait included."""
+    teacher = make_teacher(make_params(server.port, tmp_path, **{"teacher.openai.max_retries": 3}))
+    server.state.fault_rate, server.state.faults, server.state.max_faults_per_key = 1.0, ("429",), 2
+    server.state.retry_after_s = 0.25
+    extract(teacher, dict(SEED, cot_solution="Step 1: 3 + 4 = 7\nAnswer: 7"))
+    teacher.close()
+    (row,) = teacher.ledger()
+    assert row["attempts"] == 3 and row["error"] is None
+    assert row["latency_s"] >= 2 * 0.25
+
+
+def test_a_closed_port_trips_the_breaker_instead_of_retrying_every_call(tmp_path):
+    """teacher.openai.breaker connection errors in a row stop the stage (here 4): without it, each of the
+    12 calls would back off through its 5 retries and come back as an error row, and the stage go on."""
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    teacher = make_teacher(make_params(port, tmp_path, **{"teacher.openai.max_retries": 5,
+                                                          "teacher.openai.backoff_s": 1.0,
+                                                          "teacher.openai.breaker": 4}))
+    seeds = [dict(SEED, seed_id=f"s{i}", problem=f"Problem {i}?") for i in range(12)]
+    with pytest.raises(TeacherAbort, match=rf"cannot reach the teacher at http://127.0.0.1:{port}/v1: 4 connection "
+                                           r"errors in a row \(teacher.openai.breaker\)"):
+        teacher.map(teacher.extraction, seeds)
+    teacher.close()
+
+
 def test_bad_json_from_verifier_becomes_error_row(server, teacher):
     ext = ok_extraction(teacher, server)
     server.state.modes = {"verify": "bad_json"}
@@ -250,7 +330,7 @@ def test_http500_is_retried(server, tmp_path):
     teacher.close()
     assert "HTTP 500" in row["error"] and "after 3 tries" in row["error"]
     assert server.state.names() == ["instantiate"] * 3  # the first try and two retries
-    assert teacher.ledger()[-1]["retries"] == 2
+    assert teacher.ledger()[-1]["attempts"] == 3
 
 
 @pytest.mark.parametrize("mode,status", [("http400", 400), ("http401", 401), ("http404", 404)])

@@ -18,8 +18,8 @@ import pytest
 from conftest import ROOT, write_params
 from fault_server import FAULTS, INSTANCE, VALID, FaultServer
 from iga.io import read_jsonl
-from iga.teacher.engine import TokenBucket
 from iga.teacher.ledger import totals
+from iga.teacher.ratelimit import TokenBucket
 from test_openai_teacher import MODEL, SENTINEL_KEY, hermetic_env, teacher_overrides  # noqa: F401 (autouse)
 
 N_SEEDS = 12
@@ -247,9 +247,56 @@ def test_retry_after_is_honoured_and_rpm_is_kept(server, tmp_path):
     assert times[-1] - times[0] >= (50 - 20) / 20 * 0.9
 
 
+def test_the_engine_learns_a_hidden_limit_from_the_headers_and_keeps_under_it(server, tmp_path):
+    """rpm and tpm unset; the server enforces 1200 requests per minute (20 per second, a bucket of 20) and
+    says so in x-ratelimit-* headers: after its first answers the engine paces at PACE of it."""
+    from fault_server import HiddenLimit
+    from iga.params import load_params
+    from iga.teacher import make_teacher
+    from iga.teacher.ratelimit import PACE
+
+    server.state.limit = HiddenLimit(rpm=1200, tpm=None)
+    teacher = make_teacher(load_params(ROOT / "params.yaml", overrides={
+        "seeds.source": "jsonl", "seeds.path": "unused.jsonl", **teacher_overrides(server.port, tmp_path / "c"),
+        "teacher.openai.max_retries": 8, "teacher.concurrency": 64}))
+    seeds = [{"seed_id": f"s{i}", "problem": f"{i}?", "cot_solution": "Answer: 1"} for i in range(120)]
+    rows = teacher.map(teacher.extraction, seeds)
+    teacher.close()
+    assert all(r["error"] is None for r in rows)
+    assert teacher.engine.learned == {"requests": 1200}
+    attempts = sum(r["attempts"] for r in teacher.ledger())
+    assert server.state.limit.limited == attempts - 120  # every retry was one of the limit's 429s
+    # The first wave (64 calls at once, before any header came back) overran the bucket of 20; paced after it,
+    # the rest saw few 429s.
+    assert server.state.limit.limited <= 64 - 20 + 0.05 * 120
+    times = sorted(server.state.times)
+    assert (times[-1] - times[0]) >= (120 - 20 - 20) / (20 * PACE) * 0.9
+
+
+def test_the_window_halves_on_a_429_once_per_round_and_grows_back():
+    from iga.teacher.ratelimit import Window
+
+    window = Window(16)
+    window.cut(sent_at=0.0)
+    assert window.size == 8
+    window.cut(sent_at=0.0)  # sent before the cut: the same overload
+    assert window.size == 8
+    window.cut(sent_at=window.cut_at)
+    assert window.size == 4
+    for _ in range(4):  # a window's worth of answers adds about one call
+        window.grow()
+    assert 4.8 < window.size < 5
+    for _ in range(1000):
+        window.grow()
+    assert window.size == 16
+    for _ in range(10):
+        window.cut(sent_at=window.cut_at)
+    assert window.size == 1
+
+
 def test_token_bucket_never_grants_more_than_rate_times_time_plus_burst(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("iga.teacher.engine.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("iga.teacher.ratelimit.time.monotonic", lambda: clock[0])
     bucket = TokenBucket(per_minute=600, burst=5)  # 10 units/s
     starts = []
     for i in range(40):
@@ -270,6 +317,18 @@ def test_dry_run_estimates_calls_tokens_and_cost(server, prefect_api_url, tmp_pa
     assert est["calls_max"] == N_SEEDS * (2 * 2 + 12 * 4)  # 2 tries each; 2 attempts x 2 tries per instance call
     assert 0 < est["cost_usd_expected"] < est["cost_usd_max"]
     assert est["first_calls_cached"] == 0 and server.state.requests == []  # a dry run makes no call
+    assert est["wall_time_expected"]["binding"] == "concurrency"  # rpm and tpm are unset here
+
+
+def test_the_estimate_names_the_limit_that_binds():
+    """The new user's case: tpm 200 000 counts prompt + max_tokens (2048) per call, ~2 600 tokens: ~77 calls
+    a minute, whatever the concurrency; so 520 calls take ~6.8 min, bound by tpm."""
+    from iga.teacher.estimate import wall_time
+
+    wall = wall_time(calls=520, latency_s=520 * 6.0, limiter_tokens=520 * 2600, concurrency=16, rpm=500, tpm=200_000)
+    assert wall["binding"] == "tpm" and wall["seconds"] == pytest.approx(60 * 520 * 2600 / 200_000, abs=0.1)
+    assert wall["bounds_s"] == {"concurrency": 195.0, "rpm": 62.4, "tpm": 405.6}
+    assert wall_time(520, 520 * 6.0, 520 * 2600, 16, None, None)["binding"] == "concurrency"
 
 
 def test_the_api_key_reaches_no_log_no_mlflow_no_prefect_no_file(server, prefect_api_url, tmp_path):
@@ -313,3 +372,107 @@ def test_a_401_stops_the_stage_and_prefect_does_not_retry_it(server, prefect_api
     assert len(chunk_runs) == N_SEEDS // 4  # one run per chunk of 4 seeds: no Prefect retry
     assert len(server.state.requests) <= N_SEEDS  # at most the first wave, nothing after the stop
     assert Path("data/isomers/ledger.jsonl").is_file() and not Path("data/isomers/instances.jsonl").exists()
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The stage's error: exit status 2, no traceback anywhere, the error as the last line of stderr."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    last = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(last) == 1, proc.stderr[-3000:]
+    return last[0]
+
+
+def test_dvc_repro_split_fails_in_one_line_on_a_closed_port(server, prefect_api_url, tmp_path):
+    """The new user's dead endpoint: `dvc repro split` stops at isomers with the endpoint and the error."""
+    from conftest import copy_project
+
+    repo = project(tmp_path / "repo", server)
+    write_params(repo, {"seeds.source": "jsonl", "seeds.path": "seeds.jsonl", "teacher.chunk_size": 4,
+                        **teacher_overrides(closed_port(), repo / ".cache" / "teacher"),
+                        "teacher.openai.max_retries": 5, "teacher.openai.backoff_s": 1.0})
+    copy_project(repo)
+    environ = env(prefect_api_url, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(args, cwd=repo, env=environ, check=True, capture_output=True)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "split"], cwd=repo, env=environ, capture_output=True,
+                          text=True, timeout=600)
+    print(f"dvc repro split on a closed port: exit {proc.returncode} after {time.monotonic() - start:.1f} s")
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    assert "error: cannot reach the teacher at http://127.0.0.1:" in proc.stderr
+    assert "(teacher.openai.breaker)" in proc.stderr and "failed to reproduce 'isomers'" in proc.stderr
+    assert not (repo / "data/isomers/instances.jsonl").exists()
+
+
+def test_structurally_invalid_answers_fail_the_data_half_in_one_line(server, prefect_api_url, tmp_path):
+    """Every extracted DAG has a cycle: each is a rejected try, then a failed extraction; nothing is left
+    to instantiate, so the isomers stage fails instead of handing empty files on."""
+    from test_openai_teacher import CYCLIC
+
+    server.state.responder = lambda name, body: CYCLIC if name == "extract" else VALID[name]
+    path = project(tmp_path, server)
+    line = one_line_error(run("data", path, prefect_api_url))
+    assert line.startswith(f"error: isomers: every teacher call failed ({N_SEEDS} DAGs, {N_SEEDS * 6} instances)")
+    assert "extract: DAG of seed <id>: edges form a cycle (x" in line
+    assert server.state.names().count("extract") == 2 * N_SEEDS  # both tries of every seed, then the stop
+    assert read_jsonl(path / "data/isomers/dags.jsonl")  # written first: the files show what went wrong
+
+
+def test_the_gate_regenerates_a_seed_whose_dag_failed(server, prefect_api_url, tmp_path, monkeypatch):
+    """Seed s1's extraction is rejected twice (a cycle): its six instances have no DAG. The gate asks for
+    the DAG again (attempt 2), instantiates the seed on it, and keeps every group."""
+    from flows.data import data_flow
+
+    seen = {"n": 0}
+
+    def respond(name: str, body: dict[str, Any]) -> Any:
+        from test_openai_teacher import CYCLIC
+
+        if name == "extract" and "Tom has 1 apples" in body["messages"][1]["content"] and seen["n"] < 2:
+            seen["n"] += 1
+            return CYCLIC
+        return varied(name, body)
+
+    server.state.responder = respond
+    monkeypatch.chdir(project(tmp_path, server))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = data_flow("params.yaml")
+    assert [d["error"] is not None for d in read_jsonl("data/isomers/dags.jsonl")].count(True) == 1
+    assert result["gate"]["kept_fraction"] == 1.0 and result["gate"]["extractions_regenerated"] == 1
+    dags = {d["seed_id"]: d for d in read_jsonl("data/gate/dags.jsonl")}
+    assert dags["s1"]["attempt"] == 2 and dags["s1"]["dag"] is not None and dags["s1"]["error"] is None
+    assert {r["attempt"] for r in read_jsonl("data/gate/regenerated.jsonl")} == {2}
+    assert len([r for r in read_jsonl("data/gate/accepted.jsonl") if r["seed_id"] == "s1"]) == 6
+
+
+def test_the_window_never_lets_more_calls_in_than_its_size():
+    """40 calls on a window of 8, the first cutting it to 4 as it starts: no call ever sees more than 4
+    in flight, and every call gets its turn."""
+    import asyncio
+
+    from iga.teacher.ratelimit import Window
+
+    async def scenario() -> list[int]:
+        window, seen = Window(8), []
+
+        async def call(i: int) -> None:
+            async with window:
+                if i == 0:
+                    window.cut(sent_at=window.cut_at)
+                seen.append(window.in_flight)
+                await asyncio.sleep(0.005)
+
+        await asyncio.gather(*(call(i) for i in range(40)))
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert len(seen) == 40 and max(seen) == 4

@@ -31,7 +31,7 @@ class Teacher(ABC):
         return []
 
     @abstractmethod
-    def extract(self, seed: dict[str, Any]) -> dict[str, Any]:
+    def extract(self, seed: dict[str, Any], attempt: int) -> dict[str, Any]:
         """The seed's logical DAG (and a CoT for the seed): {dag, cot_solution}; raises TeacherError."""
 
     @abstractmethod
@@ -42,11 +42,12 @@ class Teacher(ABC):
     def verify(self, seed: dict[str, Any], dag: LogicalDAG, domain: str, instance: dict[str, Any]) -> float:
         """Structural alignment of the instance with the seed DAG, in [0, 1]; raises TeacherError."""
 
-    def extraction(self, seed: dict[str, Any]) -> dict[str, Any]:
-        """A row of data/isomers/dags.jsonl; a failed extraction is recorded, not raised."""
-        row = {"seed_id": seed["seed_id"], "dag": None, "cot_solution": None, "error": None}
+    def extraction(self, seed: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
+        """A row of data/isomers/dags.jsonl; a failed extraction is recorded, not raised (the gate
+        regenerates it with the seed's instances)."""
+        row = {"seed_id": seed["seed_id"], "attempt": attempt, "dag": None, "cot_solution": None, "error": None}
         try:
-            row.update(self.extract(seed))
+            row.update(self.extract(seed, attempt))
         except TeacherError as e:
             row["error"] = str(e)
         return row

@@ -1,9 +1,10 @@
 """The openai teacher's calls at scale: concurrent or batched, rate-limited, retried, cached, accounted.
 
 One engine per teacher stage, shared by the stage's concurrent chunk tasks. It owns an event loop
-in a background thread; on it live the async client, the bound on calls in flight
-(`teacher.concurrency`), the requests- and tokens-per-minute buckets and the budget, so all of them
-hold across chunk tasks. The teacher's pipeline stays plain synchronous code: it *replays* against
+in a background thread; on it live the async client, the window of calls in flight (at most
+`teacher.concurrency`, halved on a 429), the requests- and tokens-per-minute buckets (set, or learned
+from the server's x-ratelimit headers: iga.teacher.ratelimit) and the budget, so all of them hold
+across chunk tasks. The teacher's pipeline stays plain synchronous code: it *replays* against
 the response cache (`answer`), a call not answered yet raises `Pending`, and the teacher collects
 those from every item of a chunk and has them fetched together (`fetch`), online or as one Batch
 API job. A replay after the fetch finds the answers and moves on to the next call.
@@ -29,6 +30,7 @@ from iga.io import atomic_write_text
 from iga.params import Params
 from iga.teacher.cache import ResponseCache
 from iga.teacher.ledger import Budget, CallRecord, Ledger, cost, prompt_bytes, prompt_estimate
+from iga.teacher.ratelimit import PACE, TokenBucket, Window, announced_limits
 
 T = TypeVar("T")
 # Statuses worth another try; any other 4xx is a request or account problem that a retry cannot fix.
@@ -49,24 +51,6 @@ class Pending(Exception):
     def __init__(self, call: Call):
         super().__init__(call.key)
         self.call = call
-
-
-class TokenBucket:
-    """`per_minute` units refilled continuously, at most `burst` saved up. A caller reserves units and
-    is told how long to wait for them, so waiting callers queue in order instead of polling."""
-
-    def __init__(self, per_minute: float, burst: float):
-        self.rate = per_minute / 60.0
-        self.burst = burst
-        self.level = burst
-        self.last = time.monotonic()
-
-    def reserve(self, units: float) -> float:
-        now = time.monotonic()
-        self.level = min(self.burst, self.level + (now - self.last) * self.rate)
-        self.last = now
-        self.level -= units
-        return max(0.0, -self.level / self.rate)
 
 
 def is_fatal(e: openai.APIStatusError) -> bool:
@@ -110,15 +94,18 @@ class CallEngine:
         self.batch_poll_s = t.batch_poll_s
         self.failures: dict[str, str] = {}  # key -> why the call failed after its retries (not cached)
         self.abort: TeacherAbort | None = None  # set once; every later call is skipped
-        self._rpm = TokenBucket(t.rpm, max(1.0, t.rpm / 60)) if t.rpm else None
-        self._tpm = TokenBucket(t.tpm, max(1.0, t.tpm / 60)) if t.tpm else None
+        self._unreachable = 0  # connection errors in a row, across calls (the breaker)
+        self._buckets = {kind: TokenBucket.paced(limit) for kind, limit in (("requests", t.rpm), ("tokens", t.tpm))
+                         if limit}
+        self._configured = set(self._buckets)  # limits set in params; the others are learned from the server
+        self.learned: dict[str, float] = {}  # limits the server announced (x-ratelimit-limit-*)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-calls", daemon=True)
         self._thread.start()
         self._client = self._run(self._open(api_key, t.concurrency))
 
     async def _open(self, api_key: str, concurrency: int) -> openai.AsyncOpenAI:
-        self._slots = asyncio.Semaphore(concurrency)
+        self._window = Window(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         # Our own retry loop (below) replaces the client's: it must see every attempt for the ledger.
         return openai.AsyncOpenAI(api_key=api_key, base_url=self.cfg.base_url, timeout=self.cfg.timeout_s,
@@ -162,7 +149,7 @@ class CallEngine:
 
     # ------------------------------------------------------------------ online calls (the loop thread)
 
-    def _store(self, call: Call, body: str, latency_s: float, retries: int, reserved: float, mode: str) -> None:
+    def _store(self, call: Call, body: str, latency_s: float, attempts: int, reserved: float, mode: str) -> None:
         """Cache a paid answer first (a kill right after loses nothing), then account for it. Written on
         the loop itself: a worker thread per write measured 5 % slower (benchmarks/teacher_throughput.py)."""
         try:
@@ -177,11 +164,12 @@ class CallEngine:
         self.budget.settle(reserved, paid)
         self.ledger.add(CallRecord(call.key, call.kind, mode, cache_hit=False, prompt_tokens=prompt,
                                    completion_tokens=completion, latency_s=round(latency_s, 4), cost_usd=paid,
-                                   retries=retries))
+                                   attempts=attempts))
 
-    def _fail(self, call: Call, mode: str, retries: int, reason: str) -> None:
+    def _fail(self, call: Call, mode: str, attempts: int, reason: str, latency_s: float | None = None) -> None:
         self.failures[call.key] = reason
-        self.ledger.add(CallRecord(call.key, call.kind, mode, cache_hit=False, retries=retries, error=reason))
+        self.ledger.add(CallRecord(call.key, call.kind, mode, cache_hit=False, attempts=attempts, error=reason,
+                                   latency_s=None if latency_s is None else round(latency_s, 4)))
 
     def _worst_cost(self, call: Call, factor: float = 1.0) -> float:
         return cost(self.price, prompt_bytes(call.body), call.body["max_tokens"], factor) or 0.0
@@ -192,9 +180,11 @@ class CallEngine:
             f"${self.budget.limit:.4f} (spent ${self.budget.spent:.4f}); stopped before it. Every response "
             f"received is cached under {self.cache.root}: raise the budget and re-run to continue without paying again")
 
+    def _where(self) -> str:
+        return self.cfg.base_url or str(self._client.base_url)
+
     def _fatal(self, call: Call, e: openai.APIStatusError) -> TeacherAbort:
-        where = self.cfg.base_url or "api.openai.com"
-        return TeacherAbort(f"{call.kind}: HTTP {e.status_code} from {where} for model {self.cfg.model!r}: "
+        return TeacherAbort(f"{call.kind}: HTTP {e.status_code} from {self._where()} for model {self.cfg.model!r}: "
                             f"{str(e.message)[:300]} - not retried: fix teacher.openai or OPENAI_API_KEY and "
                             f"re-run (responses received so far are cached)")
 
@@ -204,17 +194,37 @@ class CallEngine:
         return random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2**retry))
 
     async def _limit(self, tokens: int) -> None:
-        wait = max(self._rpm.reserve(1) if self._rpm else 0.0, self._tpm.reserve(tokens) if self._tpm else 0.0)
+        units = {"requests": 1, "tokens": tokens}
+        wait = max((bucket.reserve(units[kind]) for kind, bucket in self._buckets.items()), default=0.0)
         if wait:
             await asyncio.sleep(wait)
+
+    def _learn(self, headers: httpx.Headers) -> None:
+        """Pace at PACE of the limits the server announces, unless params set them."""
+        for kind, limit in announced_limits(headers).items():
+            if kind not in self._configured and self.learned.get(kind) != limit:
+                self.learned[kind] = limit
+                self._buckets[kind] = bucket = TokenBucket.paced(PACE * limit)
+                bucket.level = 0.0  # nothing saved up: the calls that brought the news drained the server's
 
     async def _online(self, calls: list[Call]) -> None:
         await asyncio.gather(*(self._call(c) for c in calls))
 
+    def _connection_failed(self, reason: str) -> None:
+        """Count a connection error; `teacher.openai.breaker` of them in a row, across calls, stop the stage:
+        a closed port or a wrong host would otherwise retry every call of the stage with backoff."""
+        self._unreachable += 1
+        if self._unreachable >= self.cfg.breaker and not self.abort:
+            self.abort = TeacherAbort(
+                f"cannot reach the teacher at {self._where()}: {self._unreachable} connection errors in a row "
+                f"(teacher.openai.breaker), the last: {reason} - check teacher.openai.base_url and the network; "
+                f"nothing was paid for these calls")
+
     async def _call(self, call: Call) -> None:
         worst = self._worst_cost(call)
         tokens = prompt_estimate(call.body) + call.body["max_tokens"]
-        async with self._slots:
+        first: float | None = None  # when the first attempt was sent: the ledger's latency is the whole call's
+        async with self._window:
             for retry in range(self.cfg.max_retries + 1):
                 if self.abort:
                     return
@@ -224,16 +234,21 @@ class CallEngine:
                     return
                 server_wait = None
                 start = time.monotonic()
+                first = first or start
                 try:
                     # The client's low-level post: `chat.completions.create` would first walk the whole
                     # body (messages, JSON schema) through its type transforms, 40 % of our CPU per call.
                     response = await self._client.post("/chat/completions", body=call.body, cast_to=httpx.Response)
                     body = response.text
                 except openai.APIStatusError as e:
+                    self._unreachable = 0
                     self.budget.settle(worst, None)
                     if is_fatal(e):
                         self.abort = self.abort or self._fatal(call, e)
                         return
+                    self._learn(e.response.headers)
+                    if e.status_code == 429:
+                        self._window.cut(start)
                     reason, server_wait = f"HTTP {e.status_code}", retry_after_s(e.response.headers)
                 except openai.APIConnectionError as e:  # APITimeoutError included
                     self.budget.settle(worst, None)
@@ -241,15 +256,23 @@ class CallEngine:
                     # ConnectTimeout: tell them apart by the clock
                     timed_out = isinstance(e, openai.APITimeoutError) and \
                         time.monotonic() - start >= 0.9 * self.cfg.timeout_s
-                    reason = f"timed out after {self.cfg.timeout_s}s" if timed_out else \
-                        f"connection error: {str(e.__cause__ or e)[:200]}"
+                    if timed_out:
+                        reason = f"timed out after {self.cfg.timeout_s}s"
+                    else:
+                        reason = f"connection error: {str(e.__cause__ or e)[:200]}"
+                        self._connection_failed(reason)
+                        if self.abort:
+                            return
                 else:
-                    self._store(call, body, time.monotonic() - start, retry, worst, "online")
+                    self._unreachable = 0
+                    self._learn(response.headers)
+                    self._window.grow()
+                    self._store(call, body, time.monotonic() - first, retry + 1, worst, "online")
                     return
                 if retry < self.cfg.max_retries:
                     await asyncio.sleep(self._backoff(retry, server_wait))
-            self._fail(call, "online", self.cfg.max_retries,
-                       f"{call.kind}: {reason} (after {self.cfg.max_retries + 1} tries)")
+            self._fail(call, "online", self.cfg.max_retries + 1,
+                       f"{call.kind}: {reason} (after {self.cfg.max_retries + 1} tries)", time.monotonic() - first)
 
     # ------------------------------------------------------------------ the Batch API (the loop thread)
 
@@ -284,7 +307,7 @@ class CallEngine:
                 return
             queue = [c for c in queue if c.key in reasons]
         for c in queue:
-            self._fail(c, "batch", self.cfg.max_retries,
+            self._fail(c, "batch", self.cfg.max_retries + 1,
                        f"{c.kind}: no answer in {self.cfg.max_retries + 1} batch jobs (last: {reasons[c.key]})")
 
     async def _batch_round(self, calls: list[Call], round_: int) -> dict[str, str]:
@@ -332,7 +355,7 @@ class CallEngine:
                 if key not in by_key or key not in reasons:
                     continue
                 if response.get("status_code") == 200:
-                    self._store(by_key[key], json.dumps(response["body"]), latency, round_,
+                    self._store(by_key[key], json.dumps(response["body"]), latency, round_ + 1,
                                 self._worst_cost(by_key[key], self.batch_discount), "batch")
                     del reasons[key]
                 else:

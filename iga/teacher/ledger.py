@@ -57,10 +57,11 @@ class CallRecord:
     cache_hit: bool  # answered from the response cache: nothing paid in this run
     prompt_tokens: int | None = None  # from the response's `usage`
     completion_tokens: int | None = None
-    latency_s: float | None = None  # of the paid call (a batch line: the job's turnaround)
+    latency_s: float | None = None  # first attempt sent to final answer or failure, backoff and rate-limit
+    # waits included (a batch line: the turnaround of the job that answered it)
     cost_usd: float | None = None  # paid in this run (0 for a cache hit; None: no price for the model)
     saved_usd: float | None = None  # a cache hit: what the call cost when it was paid
-    retries: int = 0  # 429/5xx/timeouts/connection errors before the answer (batch: resubmissions)
+    attempts: int = 0  # requests sent: 1 + the retries of 429s, 5xx, timeouts, connection errors (batch: jobs)
     error: str | None = None  # the call failed (retries exhausted) or its answer was rejected (bad JSON, ...)
 
 
@@ -100,7 +101,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "cache_hits": sum(r["cache_hit"] for r in rows),
         "failed_calls": sum(r["prompt_tokens"] is None and not r["cache_hit"] for r in rows),
         "rejected_answers": sum(r["error"] is not None and r["prompt_tokens"] is not None for r in rows),
-        "retries": sum(r["retries"] for r in rows),
+        "retries": sum(max(0, r["attempts"] - 1) for r in rows),
         "prompt_tokens": sum(r["prompt_tokens"] for r in paid),
         "completion_tokens": sum(r["completion_tokens"] for r in paid),
         "cost_usd": None if None in costs else round(sum(costs), 6),

@@ -3,8 +3,10 @@
 Three prompts from the paper (extract, instantiate, verify) plus CoT annotation of seeds that
 come without a solution. Every response is constrained by a JSON schema and validated again on
 our side: a server that ignores `response_format` gets a failed attempt, not a crash. A rejected
-answer (bad JSON, schema mismatch, truncation) is tried again with a new sample, up to
-gate.max_attempts tries. The calls themselves go through `iga.teacher.engine`.
+answer (bad JSON, schema mismatch, truncation, or a valid schema the project cannot use: a DAG with a
+cycle or an unknown node, a CoT with no extractable answer) is tried again with a new sample, up to
+gate.max_attempts tries, and recorded with its reason; a re-run replays the same tries, so a rejected
+answer is never final. The calls themselves go through `iga.teacher.engine`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any, Callable, TypeVar
 
 import jsonschema
 
+from iga.answers import extract_answer
 from iga.dag import EDGE_LABELS, NODE_TYPES, LogicalDAG
 from iga.errors import ConfigError, DataError, TeacherError
 from iga.params import Params
@@ -84,6 +87,16 @@ def load_prompts(version: str) -> dict[str, str]:
     return {n: load_prompt(version, n) for n in ("system", *SCHEMAS)}
 
 
+def _with_answer(name: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A check that the answer's CoT ends in an answer evaluation can read: the gate would drop it anyway,
+    one regeneration later and at the price of a whole attempt."""
+    def check(data: dict[str, Any]) -> dict[str, Any]:
+        if extract_answer(data["cot_solution"]) is None:
+            raise TeacherError(f'{name}: the CoT has no extractable final answer (an "Answer: ..." line)')
+        return data
+    return check
+
+
 class OpenAITeacher(Teacher):
     provider = "openai"
 
@@ -120,16 +133,18 @@ class OpenAITeacher(Teacher):
                 return [done[i] for i in range(len(items))]
             self.engine.fetch(list(pending.values()))
 
-    def _call(self, name: str, attempt: int, **variables: str) -> dict[str, Any]:
+    def _call(self, name: str, attempt: int, check: Callable[[dict[str, Any]], Any] = lambda data: data,
+              **variables: str) -> Any:
+        """check(answer) -> what the caller uses; a DataError or TeacherError from it rejects the try."""
         error = TeacherError(f"{name}: no tries (gate.max_attempts)")
         for tries in range(1, self.params.gate.max_attempts + 1):
             call = request(self.params, self.prompts, name, attempt, tries, **variables)
             text = self.engine.answer(call)  # TeacherError: the call failed after its retries
             try:
-                return self._parse(name, text)
-            except TeacherError as e:
-                self.engine.ledger.reject(call.key, str(e))
-                error = e
+                return check(self._parse(name, text))
+            except (TeacherError, DataError) as e:
+                error = e if isinstance(e, TeacherError) else TeacherError(f"{name}: {e}")
+                self.engine.ledger.reject(call.key, str(error))
         raise error
 
     def _parse(self, name: str, text: str) -> dict[str, Any]:
@@ -157,17 +172,15 @@ class OpenAITeacher(Teacher):
             raise TeacherError(f"{name}: response does not match the schema at {where}: {e.message[:200]}") from None
         return data
 
-    def extract(self, seed: dict[str, Any]) -> dict[str, Any]:
-        data = self._call("extract", 1, problem=seed["problem"])
-        try:
-            dag = LogicalDAG.from_dict(data, f"extracted DAG of seed {seed['seed_id']}")
-        except DataError as e:
-            raise TeacherError(str(e)) from None
-        cot = seed.get("cot_solution") or self._call("annotate", 1, problem=seed["problem"])["cot_solution"]
+    def extract(self, seed: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
+        dag = self._call("extract", attempt, lambda data: LogicalDAG.from_dict(data, f"DAG of seed {seed['seed_id']}"),
+                         problem=seed["problem"])
+        cot = seed.get("cot_solution") or self._call("annotate", attempt, _with_answer("annotate"),
+                                                    problem=seed["problem"])["cot_solution"]
         return {"dag": dag.to_dict(), "cot_solution": cot}
 
     def instantiate(self, seed: dict[str, Any], dag: LogicalDAG, domain: str, attempt: int) -> dict[str, Any]:
-        data = self._call("instantiate", attempt, domain=domain, problem=seed["problem"],
+        data = self._call("instantiate", attempt, _with_answer("instantiate"), domain=domain, problem=seed["problem"],
                           dag=json.dumps(dag.to_dict()))
         return {"problem": data["problem"], "cot_solution": data["cot_solution"], "answer": data["answer"],
                 "self_alignment_score": data["alignment_score"]}

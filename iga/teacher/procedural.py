@@ -27,7 +27,7 @@ _CONCENTRATION = 1.0  # Beta(a, b) with a + b = 1: strongly seed-dependent error
 class ProceduralTeacher(Teacher):
     provider = "procedural"
 
-    def extract(self, seed: dict[str, Any]) -> dict[str, Any]:
+    def extract(self, seed: dict[str, Any], attempt: int) -> dict[str, Any]:  # exact: every attempt the same
         if seed_program(seed) is None:
             raise TeacherError(f"seed {seed['seed_id']} has no program; the procedural teacher needs procedural seeds")
         return {"dag": seed["dag"], "cot_solution": seed["cot_solution"]}
