@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -28,7 +29,7 @@ def stages() -> list:
 
 @pytest.fixture(scope="module")
 def status() -> dict:
-    out = subprocess.run(["dvc", "status", "--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
 
