@@ -1,5 +1,5 @@
 """What an evaluation row costs, measured side by side on the same rows and model: the levers behind
-the embedded benchmark's evaluation sizes (README "Measured").
+the embedded benchmark's evaluation sizes (docs/measured.md).
 
 - teacher-forced NLL with the vocabulary projection on the completion only (`forward_losses`, what
   evaluation and training run) against full logits, at several batch sizes;
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iga.evaluate import generate, teacher_forced  # noqa: E402
+from iga.eval.evaluate import generate, teacher_forced  # noqa: E402
 from iga.hardware import describe  # noqa: E402
 from iga.io import read_jsonl  # noqa: E402
-from iga.sft import IGNORE, collate, encode  # noqa: E402
-from iga.student import build_tiny  # noqa: E402
+from iga.train.sft import IGNORE, collate, encode  # noqa: E402
+from iga.train.student import build_tiny  # noqa: E402
 
 
 def full_logits_nll(model, tokenizer, rows, batch_size: int) -> None:

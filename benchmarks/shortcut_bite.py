@@ -1,6 +1,6 @@
 """How hard the planted shortcut bites a trained student: its held-out (OOD) accuracy and NLL on the
 same problems with the hint as the data has it, with the hint removed, and with the hint at the right
-answer. Paired problem by problem (iga.scores.compare), so the differences come with their intervals.
+answer. Paired problem by problem (iga.eval.scores.compare), so the differences come with their intervals.
 
     python benchmarks/shortcut_bite.py erm            # models/erm/adapter on data/split/ood.jsonl
     python benchmarks/shortcut_bite.py iga --rows 40
@@ -18,13 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iga.evaluate import evaluate_student  # noqa: E402
+from iga.data.domains import DOMAINS  # noqa: E402
+from iga.eval.evaluate import evaluate_student  # noqa: E402
+from iga.eval.scores import compare, estimate  # noqa: E402
 from iga.hardware import describe, resolve_device, resolve_precision  # noqa: E402
 from iga.io import read_jsonl  # noqa: E402
 from iga.params import load_params  # noqa: E402
-from iga.scores import compare, estimate  # noqa: E402
-from iga.student import load_trained  # noqa: E402
-from iga.teacher.domains import DOMAINS  # noqa: E402
+from iga.train.student import load_trained  # noqa: E402
 
 
 def variants(rows: list[dict]) -> dict[str, list[dict]]:

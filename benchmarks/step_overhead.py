@@ -4,7 +4,7 @@ Three steps, alternating, `--reps` rounds of timed steps and of memory steps; me
 per-round ratios: ERM (plain mean loss), IGA with its per-domain
 gradients from one forward+backward, and IGA with N separate forward+backward passes (the paper's
 way, which pays 2.0–2.2× time and +18 % memory). Memory is the process's peak resident set during
-the step (Linux VmHWM, reset before each step), weights included, as a GPU's peak memory would be.
+the step (iga/experiment/cost.py, the meter of Table 3 too).
 
     python benchmarks/step_overhead.py                  # tiny and SmolLM2 (needs models/base: flows.student)
     python benchmarks/step_overhead.py --models tiny
@@ -14,11 +14,9 @@ The last line is the IGA/ERM ratio of the last model: `iga/erm time ratio: X.XX,
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,26 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from iga.experiment.cost import step_memory, step_time  # noqa: E402
 from iga.io import read_jsonl  # noqa: E402
-from iga.methods import build_method  # noqa: E402
 from iga.params import load_params  # noqa: E402
-from iga.sft import collate, encode_groups, isomer_groups  # noqa: E402
-from iga.student import build_tiny, load_student  # noqa: E402
+from iga.train.methods import build_method  # noqa: E402
+from iga.train.sft import collate, encode_groups, isomer_groups  # noqa: E402
+from iga.train.student import build_tiny, load_student  # noqa: E402
 
 STEPS = ("erm", "iga", "iga_n_passes")
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak() -> None:
-    """Give freed heap back to the OS, then restart the peak-RSS counter (Linux clear_refs 5)."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def load(model_name: str, params):
@@ -76,24 +62,19 @@ def measure(model_name: str, groups_per_batch: int, reps: int, params, rows) -> 
     # and the next step would pay page faults that a training loop never pays. Within a round each
     # method takes an untimed step before its timed one, so that, as in training, the timed step
     # follows a step of the same method (the allocator's state depends on what ran before).
+    device = torch.device("cpu")
     for rep in range(reps + 1):  # the first round warms up kernels and is not counted
         for name in STEPS:
-            for timed in (False, True):
-                model.zero_grad(set_to_none=True)
-                t0 = time.perf_counter()
-                methods[name].step(batch)
-                if rep and timed:
-                    results[name]["time"].append(time.perf_counter() - t0)
+            step_time(methods[name], batch, device)  # untimed
+            seconds = step_time(methods[name], batch, device)
+            if rep:
+                results[name]["time"].append(seconds)
     for rep in range(reps + 1):
         for name in STEPS:
-            model.zero_grad(set_to_none=True)
-            reset_peak()
-            before = rss_kib("VmRSS")
-            methods[name].step(batch)
-            peak = rss_kib("VmHWM")
+            peak, extra = step_memory(methods[name], batch, device)
             if rep:
-                results[name]["peak"].append(peak / 1024)
-                results[name]["extra"].append((peak - before) / 1024)
+                results[name]["peak"].append(peak)
+                results[name]["extra"].append(extra)
     # Ratios are taken per round, between steps run back to back, then the median: this VM's speed
     # drifts by ±20 % over a minute, which a ratio of separate medians would pick up.
     stats = {k: {m: statistics.median(v) for m, v in results[k].items()} for k in STEPS}

@@ -32,9 +32,9 @@ import openai
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from iga.data.teacher.engine import CallEngine  # noqa: E402
+from iga.data.teacher.openai_teacher import load_prompts, request  # noqa: E402
 from iga.params import load_params  # noqa: E402
-from iga.teacher.engine import CallEngine  # noqa: E402
-from iga.teacher.openai_teacher import load_prompts, request  # noqa: E402
 
 
 def free_port() -> int:

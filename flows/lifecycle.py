@@ -10,7 +10,7 @@ from prefect import flow
 from flows._cli import main
 from iga.params import PARAMS_FILE, load_params
 from tasks import tracking
-from tasks.lifecycle import clean_up_after_kills, collect, one_at_a_time, reproduce, report, summary
+from tasks.lifecycle import clean_up_after_kills, collect, one_at_a_time, report, reproduce, summary
 from tasks.registry import register
 
 DEPLOYMENT = "scheduled"

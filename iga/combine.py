@@ -40,11 +40,15 @@ def _rescaled_mean(grads: Tensor, mask: Tensor) -> Tensor:
     return mask * grads.mean(dim=0) / (mask.mean() + 1e-10)
 
 
+def agreement_mask(grads: Tensor, tau: float) -> Tensor:
+    """1 where the domains' gradient signs agree (|mean sign| >= tau; at tau = 1, unanimous), else 0."""
+    return (grads.sign().mean(dim=0).abs() >= tau).to(grads.dtype)
+
+
 def and_mask(grads: Tensor, tau: float) -> Tensor:
     """AND-mask: keep the coordinates whose gradient sign agrees across at least a `tau` share of
     domains (|mean sign| >= tau), zero the rest."""
-    mask = (grads.sign().mean(dim=0).abs() >= tau).to(grads.dtype)
-    return _rescaled_mean(grads, mask)
+    return _rescaled_mean(grads, agreement_mask(grads, tau))
 
 
 def sand_mask(grads: Tensor, tau: float, k: float) -> Tensor:

@@ -54,10 +54,13 @@ def normalized_variance(grads: Tensor, normalize: str = "relative", eps: float =
     raise ValueError(f"mask_normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
 
 
-def conflict_mask(grads: Tensor, tau: float, normalize: str = "relative", eps: float = EPS) -> tuple[Tensor, Tensor]:
-    """(ḡ, M) with M = exp(−τ·V̂) in (0, 1]: near 1 where the domains agree, small where they conflict."""
+def conflict_mask(grads: Tensor, tau: float, normalize: str = "relative", eps: float = EPS, *,
+                  return_variance: bool = False) -> tuple[Tensor, ...]:
+    """(ḡ, M) with M = exp(−τ·V̂) in (0, 1]: near 1 where the domains agree, small where they conflict.
+    With `return_variance`, (ḡ, M, V̂): training logs V̂ beside the mask."""
     mean, vhat = normalized_variance(grads, normalize, eps)
-    return mean, torch.exp(-tau * vhat)
+    mask = torch.exp(-tau * vhat)
+    return (mean, mask, vhat) if return_variance else (mean, mask)
 
 
 class LowRank(NamedTuple):
@@ -116,10 +119,15 @@ def lora_factor_grads(g: Tensor, low: LowRank | None, A: Tensor, B: Tensor, scal
 
 
 def project_to_lora(g: Tensor, A: Tensor, B: Tensor, scaling: float, rank: int, mode: str,
-                    generator: torch.Generator | None = None, oversample: int = 10) -> tuple[Tensor, Tensor]:
-    """LoRA factor gradients (grad_A (r, in), grad_B (out, r)) for the full-weight direction g (out, in)."""
+                    generator: torch.Generator | None = None, oversample: int = 10, *,
+                    return_residual: bool = False) -> tuple[Tensor, ...]:
+    """LoRA factor gradients (grad_A (r, in), grad_B (out, r)) for the full-weight direction g (out, in).
+    With `return_residual`, also ‖g − P‖ / ‖g‖ of the rank-r projection P (None when mode is none)."""
     low = None if mode == "none" else randomized_svd(g, rank, oversample, generator=generator)
-    return lora_factor_grads(g, low, A, B, scaling, mode)
+    grads = lora_factor_grads(g, low, A, B, scaling, mode)
+    if not return_residual:
+        return grads
+    return (*grads, None if low is None else projection_residual(g, low))
 
 
 def projection_residual(g: Tensor, low: LowRank) -> float:

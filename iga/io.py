@@ -5,8 +5,8 @@ import fcntl
 import json
 import os
 import shutil
-import time
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import shutil
@@ -21,32 +20,27 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-import iga.answers
-import iga.evaluate
-import iga.experiment
-import iga.hardware
-import iga.scores
+from iga.data.split import split
 from iga.errors import DataError
-from iga.evaluate import evaluate_student
-from iga.experiment import complete_groups, held_out, run_domains, train_units
-from iga.io import atomic_write_text, read_jsonl, write_json
-from iga.methods import build_method
-from iga.params import Params, TrainParams
-from iga.report import RunResult, write_report
-from iga.sft import collate, encode_groups
-from iga.split import split
-from iga.student import load_student
-from iga.scores import summarize
-from iga.tables import table1, table2, table3
-from iga.train import train, trainable
-from tasks import tracking
-from tasks.paths import (ACCEPTED, BASE_MODEL, EXPERIMENT, EXPERIMENT_REPORT, TABLES, experiment_checkpoints,
-                         experiment_result)
+from iga.eval.evaluate import evaluate_student, for_evaluation
+from iga.eval.scores import summarize
+from iga.experiment.cost import step_memory, step_time
+from iga.experiment.variants import complete_groups, evaluation_sets, run_domains, train_units
 from iga.hardware import resolve_device, resolve_precision
-from tasks.train import NOT_IN_FINGERPRINT, TRAINING_CODE, batcher
-from tasks.train import summarize as summarize_training
+from iga.io import atomic_write_text, read_jsonl, write_json
+from iga.params import Params, TrainParams
+from iga.report.report import RunResult, write_report
+from iga.report.tables import table1, table2, table3
+from iga.stages import fingerprint
+from iga.train.loop import summarize as summarize_training
+from iga.train.loop import train, trainable
+from iga.train.methods import build_method
+from iga.train.sft import batcher, collate, encode_groups
+from iga.train.student import load_student
+from tasks import tracking
+from tasks.paths import (ACCEPTED, BASE_MODEL, EXPERIMENT, EXPERIMENT_REPORT, OOD, TABLES, TEST, TRAIN,
+                         experiment_checkpoints, experiment_result)
 
-_CODE = (*TRAINING_CODE, iga.experiment, iga.evaluate, iga.answers, iga.scores, iga.hardware)
 PARENT = EXPERIMENT / "parent.json"
 COST = EXPERIMENT / "cost.json"
 
@@ -55,47 +49,25 @@ def run_train_params(params: Params, seed: int) -> TrainParams:
     return dataclasses.replace(params.train, seed=seed, steps=params.experiment.steps)
 
 
-def params_hash(params: Params, name: str, seed: int, data_md5: str) -> str:
-    """Everything a (run, seed)'s numbers depend on, the compute code included."""
-    run = params.experiment.runs[name]
-    train = {k: v for k, v in dataclasses.asdict(run_train_params(params, seed)).items()
-             if k not in NOT_IN_FINGERPRINT}
+def run_hash(params: Params, name: str, seed: int, data: dict[str, str]) -> str:
+    """Everything a (run, seed)'s numbers depend on (iga.stages, "experiment-run"), the compute code included."""
     device = resolve_device(params.train.device)
-    train["precision"] = resolve_precision(train["precision"], device)  # auto: what this machine runs
-    ex = params.experiment
-    spec = {"run": dataclasses.asdict(run), "method": dataclasses.asdict(params.methods[run.method]),
-            "student": dataclasses.asdict(params.student), "lora": dataclasses.asdict(params.lora), "train": train,
-            "domains": dataclasses.asdict(params.domains), "split": dataclasses.asdict(params.split),
-            "eval": {"groups": ex.eval_groups, "max_new_tokens": ex.max_new_tokens, "batch_size": params.eval.batch_size,
-                     "nll_batch_size": params.eval.nll_batch_size,
-                     "dtype": resolve_precision(params.eval.dtype, device)},
-            "data": data_md5, "code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in _CODE)).hexdigest()}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    method = params.methods[params.experiment.runs[name].method]
+    return fingerprint("experiment-run", params, name, method=dataclasses.asdict(method), seed=seed, data=data,
+                       precision=resolve_precision(params.train.precision, device),  # auto: what this machine runs
+                       eval_dtype=resolve_precision(params.eval.dtype, device))
 
 
-def _splits(params: Params, unit: str) -> dict[str, list[dict[str, Any]]]:
+def _parts(params: Params, unit: str) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """The train/test/OOD rows of a `unit`-level split and the md5 of each file they come from: the
+    split stage's outputs when it split by `unit` (the default, seed), else accepted.jsonl split here
+    (the instance-level leakage ablation)."""
+    if unit == params.split.unit:
+        files = {"train": TRAIN, "test": TEST, "ood": OOD}
+        return {side: read_jsonl(path) for side, path in files.items()}, {str(p): tracking.data_hash(p)
+                                                                           for p in files.values()}
     parts, _ = split(read_jsonl(ACCEPTED), dataclasses.replace(params.split, unit=unit), params.domains)
-    return parts
-
-
-def _evaluation_sets(params: Params, unit: str) -> tuple[list, list, set, list]:
-    """The run's own held-out ID and OOD rows (NLL on all of them), the keys of those it generates (the
-    first `experiment.eval_groups` test seeds'), and the seed-level held-out groups LCS is measured on
-    (an instance-level split has few complete test groups, and every run's LCS is comparable this way)."""
-    ex, source = params.experiment, str(ACCEPTED)
-    seed_level = _splits(params, "seed")
-    lcs_rows = complete_groups(seed_level["test"], params.domains.train)
-    key = lambda r: (r["group_id"], r["domain"])  # noqa: E731
-    if unit == "seed":
-        test, ood = seed_level["test"], seed_level["ood"]
-        chosen = held_out(test, ood, ex.eval_groups, source)
-    else:
-        parts = _splits(params, unit)  # as many generated rows as a seed-level run gets, in a fixed order
-        test, ood = parts["test"], parts["ood"]
-        first = lambda rows, n: sorted(rows, key=lambda r: (r["seed_id"], r["domain"]))[:n]  # noqa: E731
-        chosen = (first(test, ex.eval_groups * len(params.domains.train)),
-                  first(ood, ex.eval_groups * len(params.domains.ood)))
-    return test, ood, {key(r) for rows in chosen for r in rows}, lcs_rows
+    return parts, {str(ACCEPTED): tracking.data_hash(ACCEPTED)}
 
 
 @task(cache_policy=NO_CACHE)
@@ -123,22 +95,24 @@ def open_parent(params: Params) -> str:
 def run_one(params: Params, name: str, seed: int, parent_run_id: str) -> dict[str, Any]:
     """Train `name` with `seed` for experiment.steps and evaluate it; skipped when already done."""
     log = get_run_logger()
-    data_md5 = tracking.data_hash(ACCEPTED)
-    key, path = params_hash(params, name, seed, data_md5), experiment_result(name, seed)
+    run, tp, ex = params.experiment.runs[name], run_train_params(params, seed), params.experiment
+    seed_level, seed_md5s = _parts(params, "seed")
+    parts, md5s = (seed_level, seed_md5s) if run.split == "seed" else _parts(params, run.split)
+    data = seed_md5s | md5s  # LCS is measured on the seed-level test groups whatever the run's split
+    key, path = run_hash(params, name, seed, data), experiment_result(name, seed)
     if path.is_file() and json.loads(path.read_text()).get("params_hash") == key:
         log.info("%s seed %d: done (params hash %s), skipped", name, seed, key)
         return json.loads(path.read_text())
-    run, tp, ex = params.experiment.runs[name], run_train_params(params, seed), params.experiment
     torch.set_num_threads(tp.threads)
     device = resolve_device(tp.device)
     domains = run_domains(run, params.domains.train)
-    train_rows = complete_groups(_splits(params, run.split)["train"], params.domains.train)
-    units = train_units(train_rows, run, params.domains.train, seed, str(ACCEPTED))
+    source = next(iter(md5s))
+    units = train_units(complete_groups(parts["train"], params.domains.train), run, params.domains.train, seed, source)
     model, tokenizer = load_student(BASE_MODEL, params.lora, params.student.dtype, seed=seed)
     model.to(device)
     encoded, too_long = encode_groups(tokenizer, units, tp.max_length)
     if not encoded:
-        raise DataError(f"{ACCEPTED}: run {name} has no training unit within train.max_length = {tp.max_length}")
+        raise DataError(f"{source}: run {name} has no training unit within train.max_length = {tp.max_length}")
     per_batch = tp.groups_per_batch * len(params.domains.train) // len(encoded[0])  # same sequences for every run
     micro_batches = batcher(encoded, tp, per_batch, tokenizer.pad_token_id)
     method = build_method(params.methods[run.method], model, domains)
@@ -149,17 +123,19 @@ def run_one(params: Params, name: str, seed: int, parent_run_id: str) -> dict[st
         mlflow.log_params({"run": name, "seed": seed, **tracking.flat_params("run", run),
                            **tracking.flat_params("method", params.methods[run.method]),
                            **tracking.flat_params("train", tp)})
-        mlflow.set_tags({"git_commit": tracking.git_commit(), "data_md5": data_md5, "params_hash": key})
+        mlflow.set_tags({"git_commit": tracking.git_commit(), "params_hash": key,
+                         **{f"data_md5.{path}": md5 for path, md5 in data.items()}})
         history = train(model, method, micro_batches, tp, experiment_checkpoints(name, seed), key, device,
                         on_step=lambda r: mlflow.log_metrics({k: v for k, v in r.items() if k != "step"},
                                                              step=int(r["step"])))
         train_s = time.perf_counter() - t0
-        test, ood, generate, lcs_rows = _evaluation_sets(params, run.split)
-        model = model.merge_and_unload().to(device, getattr(torch, resolve_precision(params.eval.dtype, device)))
+        test, ood, generate, lcs_rows = evaluation_sets(seed_level, parts, run.split, ex.eval_groups, params.domains,
+                                                        source)
+        model = for_evaluation(model, params.eval.dtype, device)
         evaluation = evaluate_student(model, tokenizer, test, ood, {}, params.domains.train, to_generate=generate,
                                       max_new_tokens=ex.max_new_tokens, batch_size=params.eval.batch_size,
                                       nll_batch_size=params.eval.nll_batch_size,
-                                      lcs_groups=len(lcs_rows), source=str(ACCEPTED), lcs_rows=lcs_rows)
+                                      lcs_groups=len(lcs_rows), source=source, lcs_rows=lcs_rows)
         metrics = summarize([evaluation], evaluation["lcs_layers"])
         summary = summarize_training(name, history, {"units_train": len(encoded), "units_too_long": too_long,
                                                      "trainable_parameters": n_trainable, "train_s": train_s,
@@ -180,51 +156,23 @@ def run_one(params: Params, name: str, seed: int, parent_run_id: str) -> dict[st
 
 
 def _cost_of(params: Params, method_name: str) -> dict[str, Any]:
-    """In a fresh process: a method's step time on the first isomer batch, and its peak memory."""
+    """In a fresh process: a method's step time on the first isomer batch (iga.experiment.cost), the
+    median of experiment.cost_steps after a warm-up step, and its peak memory during one step."""
     ex, tp = params.experiment, params.train
     torch.set_num_threads(tp.threads)
     device = resolve_device(tp.device)
     model, tokenizer = load_student(BASE_MODEL, params.lora, params.student.dtype, seed=tp.seed)
     model.to(device)
-    rows = complete_groups(_splits(params, "seed")["train"], params.domains.train)
-    units = train_units(rows, params.experiment.runs["erm"], params.domains.train, tp.seed, str(ACCEPTED))
+    rows = complete_groups(read_jsonl(TRAIN), params.domains.train)
+    units = train_units(rows, params.experiment.runs["erm"], params.domains.train, tp.seed, str(TRAIN))
     encoded, _ = encode_groups(tokenizer, units, tp.max_length)
     batch = collate(encoded[:tp.groups_per_batch], tokenizer.pad_token_id, seed=0).to(device)
     method = build_method(params.methods[method_name], model, params.domains.train)
-    params_ = list(trainable(model).values())
-    before = _rss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20
-    times = []
-    for i in range(ex.cost_steps + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        method.step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t0)
-        for p in params_:
-            p.grad = None
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
+    times = [step_time(method, batch, device) for _ in range(ex.cost_steps + 1)][1:]  # the first is a warm-up
+    peak, extra = step_memory(method, batch, device)
     return {"method": method_name, "step_time_s": statistics.median(times), "step_times_s": times,
-            "peak_mb": peak - before, "device": device.type, "sequences": batch.input_ids.shape[0],
+            "peak_mb": extra, "peak_total_mb": peak, "device": device.type, "sequences": batch.input_ids.shape[0],
             "tokens": int(batch.attention_mask.sum())}
-
-
-def _rss_mb() -> float:
-    return _status_mb("VmRSS")
-
-
-def _peak_rss_mb() -> float:
-    # VmHWM, not getrusage's ru_maxrss: a spawned child inherits its parent's ru_maxrss across fork and
-    # exec (every method then "peaked" at the flow's own 8 GB), while VmHWM starts afresh with exec.
-    return _status_mb("VmHWM")
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024  # kB
 
 
 @task(cache_policy=NO_CACHE)

@@ -12,13 +12,13 @@ from typing import Any
 from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from iga.errors import IGAError
+from iga.errors import DataError, IGAError
 from iga.io import exclusive, leftover_temporaries, read_jsonl
 from iga.params import Params
-from iga.report import RunResult, table1, write_report
+from iga.report.report import RunResult, table1, write_report
+from iga.stages import params_hash
 from tasks import tracking
-from tasks.evaluate import load_eval_metrics
-from tasks.paths import LIFECYCLE_LOCK, REPORTS, history_file, scores_file, train_metrics
+from tasks.paths import LIFECYCLE_LOCK, REPORTS, eval_metrics, history_file, scores_file, train_metrics
 
 # Where a killed run can leave the temporary siblings of its atomic writes.
 OUTPUT_DIRS = ("data", "models", "metrics", "plots", "reports")
@@ -64,6 +64,18 @@ def reproduce() -> None:
     if code:
         raise IGAError(f"dvc repro failed with exit status {code}; the failing stage's output is above. "
                        "Nothing was registered.")
+
+
+def load_eval_metrics(params: Params, method: str) -> dict[str, Any]:
+    """metrics/eval/<method>.json, refused when it was computed under other params."""
+    path = eval_metrics(method)
+    if not path.is_file():
+        raise DataError(f"{path}: no evaluation of {method}; run `dvc repro evaluate@{method}`")
+    metrics, expected = json.loads(path.read_text()), params_hash("evaluate", params, method)
+    if metrics.get("params_hash") != expected:
+        raise DataError(f"{path}: computed under another params.yaml (params_hash {metrics.get('params_hash')}, "
+                        f"now {expected}); run `dvc repro` to re-evaluate")
+    return metrics
 
 
 @task(cache_policy=NO_CACHE)

@@ -1,4 +1,4 @@
-"""The pipeline's public files (README "Outputs"); dvc.yaml declares the same paths."""
+"""The pipeline's public files (docs/stages.md, "Outputs"); dvc.yaml declares the same paths."""
 from pathlib import Path
 
 SEEDS = Path("data/seeds/seeds.jsonl")

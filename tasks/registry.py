@@ -1,5 +1,5 @@
 """The MLflow side of a lifecycle run: a parent run, a child per method, every adapter a version of
-one registered model, and the `champion` / `challenger` aliases, moved only on evidence (iga.promotion)."""
+one registered model, and the `champion` / `challenger` aliases, moved only on evidence (iga.report.promotion)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,20 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from iga.eval.evaluate import for_evaluation, generate, score_adapter
+from iga.eval.scores import Evaluation, summarize
 from iga.hardware import resolve_device, resolve_precision
 from iga.io import read_jsonl, write_jsonl
 from iga.params import Params
-from iga.promotion import PRIMARY, decide
-from iga.report import RunResult
-from iga.scores import Evaluation, summarize, units_of
+from iga.report.promotion import best, decide
+from iga.report.report import RunResult
+from iga.stages import params_hash
 from tasks import tracking
-from tasks.evaluate import eval_key, score_adapter
-from tasks.paths import BASE_MODEL, TRAIN, adapter_dir, scores_file
+from tasks.paths import BASE_MODEL, OOD, TEST, TRAIN, adapter_dir, scores_file
 
 # The figures every version carries as tags (refreshed at each evaluation).
 FIGURE_TAGS = ("id_accuracy", "ood_accuracy", "delta_gap", "nll_id", "nll_ood", "nll_gap")
@@ -32,21 +32,25 @@ class Student(mlflow.pyfunc.PythonModel):
     version's own LoRA adapter. predict() takes a list of problems and returns greedy completions."""
 
     def load_context(self, context: Any) -> None:
-        from iga.student import load_trained
+        from iga.train.student import load_trained
 
         cfg = context.model_config
         if not Path(cfg["base_dir"], "config.json").is_file():
             raise FileNotFoundError(f"{cfg['base_dir']}: the base model this version was trained on is not "
                                     f"there; rebuild it with `dvc repro student` (student.base: {cfg['base']})")
         model, self.tokenizer = load_trained(cfg["base_dir"], context.artifacts["adapter"])
-        device = resolve_device("auto")
-        self.model = model.merge_and_unload().to(device, getattr(torch, resolve_precision(cfg["dtype"], device)))
+        self.model = for_evaluation(model, cfg["dtype"], resolve_device("auto"))
         self.max_new_tokens, self.batch_size = cfg["max_new_tokens"], cfg["batch_size"]
 
     def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        from iga.evaluate import generate
-
         return generate(self.model, self.tokenizer, list(model_input), self.max_new_tokens, self.batch_size)
+
+
+def eval_key(params: Params) -> str:
+    """What makes two versions' scores comparable problem by problem: the same held-out rows and the
+    same evaluation settings on the same base model (iga.stages, "scores")."""
+    dtype = resolve_precision(params.eval.dtype, resolve_device(params.train.device))  # auto: per machine
+    return params_hash("scores", params, test=tracking.data_hash(TEST), ood=tracking.data_hash(OOD), dtype=dtype)
 
 
 def _adapter_md5(path: Path) -> str:
@@ -174,7 +178,8 @@ def _incumbent_evaluation(client: Any, params: Params, champion: Any, key: str) 
     log.info("champion v%s was scored on another evaluation set or settings; scoring it on the current one",
              champion.version)
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{champion.version}"))
-    evaluation = score_adapter(params, model_dir / "artifacts" / "adapter", f"champion v{champion.version}")
+    evaluation = score_adapter(params, BASE_MODEL, model_dir / "artifacts" / "adapter", read_jsonl(TEST),
+                               read_jsonl(OOD), str(TEST), f"champion v{champion.version}")
     with mlflow.start_run(run_name=f"rescore/v{champion.version}", nested=True) as run:
         with tempfile.TemporaryDirectory() as tmp:
             write_jsonl(Path(tmp) / "scores.jsonl", evaluation["scores"])
@@ -189,7 +194,7 @@ class Refused(Exception):
 
 
 def promote(client: Any, params: Params, versions: dict[str, Any], evaluations: dict[str, Evaluation]) -> dict[str, Any]:
-    """Move `champion` only on evidence (iga.promotion), record every trial as tags on both versions,
+    """Move `champion` only on evidence (iga.report.promotion), record every trial as tags on both versions,
     and point `challenger` at the best of the rest by the primary metric's point estimate."""
     rp = params.registry
     name, metric = rp.model_name, rp.primary_metric
@@ -207,7 +212,7 @@ def promote(client: Any, params: Params, versions: dict[str, Any], evaluations: 
     elif rp.baseline in versions:
         incumbent = versions[rp.baseline].version
     else:  # nothing to test against: the best point estimate starts the line
-        incumbent = max(pool, key=lambda v: _point(pool[v], metric))
+        incumbent = best(pool, metric)
     decision = decide(incumbent, pool, metric, rp.alpha, rp.min_delta)
     lines = []
     if champion is None:
@@ -224,13 +229,8 @@ def promote(client: Any, params: Params, versions: dict[str, Any], evaluations: 
             client.set_model_version_tag(name, incumbent, f"defended_against_v{trial.challenger}", text)
         lines.append(f"promotion: {verdict}: {text}")
     client.set_registered_model_alias(name, "champion", decision.winner)
-    rest = [v for v in pool if v != decision.winner]
-    runner_up = max(rest, key=lambda v: _point(pool[v], metric)) if rest else None
+    runner_up = best({v: e for v, e in pool.items() if v != decision.winner}, metric)
     if runner_up is not None:
         client.set_registered_model_alias(name, "challenger", runner_up)
     return {"champion": decision.winner, "challenger": runner_up, "decision": lines}
 
-
-def _point(evaluation: Evaluation, metric: str) -> float:
-    figure, sign, *_ = PRIMARY[metric]
-    return sign * float(units_of(figure, evaluation).values.mean())

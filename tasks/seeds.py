@@ -1,9 +1,9 @@
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from iga.data.seeds import make_seeds
 from iga.io import write_jsonl
 from iga.params import Params
-from iga.seeds import make_seeds
 from tasks.paths import SEEDS
 
 

@@ -5,10 +5,10 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from iga.health import check_split
+from iga.data.health import check_split
+from iga.data.split import LEAKAGE_WARNING, split
 from iga.io import read_jsonl, write_json, write_jsonl
 from iga.params import Params
-from iga.split import LEAKAGE_WARNING, split
 from tasks.paths import ACCEPTED, OOD, SPLIT_METRICS, TEST, TRAIN
 
 

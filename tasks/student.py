@@ -3,7 +3,7 @@ from prefect.cache_policies import NO_CACHE
 
 from iga.io import atomic_dir, write_json
 from iga.params import Params
-from iga.student import prepare_base
+from iga.train.student import prepare_base
 from tasks.paths import BASE_MODEL, STUDENT_METRICS
 
 

@@ -12,12 +12,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
+from iga.data.health import check_teacher
+from iga.data.teacher import Teacher, make_teacher
+from iga.data.teacher.ledger import totals
 from iga.errors import ConfigError, TeacherAbort
-from iga.health import check_teacher
 from iga.io import read_jsonl, write_json, write_jsonl
 from iga.params import Params
-from iga.teacher import Teacher, make_teacher
-from iga.teacher.ledger import totals
 from tasks.paths import DAGS, INSTANCES, SEEDS, TEACHER_METRICS
 
 Row = dict[str, Any]
@@ -110,7 +110,7 @@ def write_teacher_metrics(params: Params, stages: dict[str, Path]) -> dict[str, 
 
 @task(cache_policy=NO_CACHE)
 def estimate_teacher(params: Params, seeds: list[Row]) -> dict[str, Any]:
-    from iga.teacher.estimate import estimate, render
+    from iga.data.teacher.estimate import estimate, render
 
     if params.teacher.provider != "openai":
         raise ConfigError("flows.estimate: teacher.provider is procedural, which costs nothing; "

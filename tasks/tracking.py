@@ -41,7 +41,7 @@ def check_reachable() -> None:
             resp.read()
     except (OSError, ValueError) as e:
         raise ConfigError(f"MLFLOW_TRACKING_URI {uri} is unreachable ({e}); start the server "
-                          f"(README: MLflow) or unset MLFLOW_TRACKING_URI to log to {DEFAULT_TRACKING_URI}") from None
+                          f"(docs/registry.md) or unset MLFLOW_TRACKING_URI to log to {DEFAULT_TRACKING_URI}") from None
 
 
 def git_commit() -> str:

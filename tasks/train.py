@@ -1,77 +1,25 @@
-"""Train one method: data and student from disk, iga.train in between, adapter, metrics and MLflow out."""
+"""Train one method: data and student from disk, iga.train.loop in between, adapter, metrics and MLflow out."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import shutil
-import statistics
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-import iga.combine
-import iga.core
-import iga.hardware
-import iga.methods
-import iga.pergrad
-import iga.sft
-import iga.student
-import iga.train
 from iga.errors import DataError
 from iga.hardware import describe, resolve_device, resolve_precision
 from iga.io import atomic_dir, read_jsonl, write_json, write_jsonl
-from iga.methods import build_method
-from iga.params import Params, TrainParams
-from iga.sft import GroupSampler, collate, encode_groups, isomer_groups
-from iga.student import load_student
-from iga.train import resume_point, train, trainable
+from iga.params import Params
+from iga.stages import fingerprint
+from iga.train.loop import resume_point, summarize, train, trainable
+from iga.train.methods import build_method
+from iga.train.sft import batcher, encode_groups, isomer_groups
+from iga.train.student import load_student
 from tasks import tracking
 from tasks.paths import BASE_MODEL, TRAIN, adapter_dir, checkpoint_dir, history_file, train_metrics
-
-# Settings that do not change what a run computes; a checkpoint stays valid across them.
-NOT_IN_FINGERPRINT = ("methods", "threads", "checkpoint_every")
-TRAINING_CODE = (iga.combine, iga.core, iga.hardware, iga.methods, iga.pergrad, iga.sft, iga.student, iga.train)
-
-
-def fingerprint(params: Params, method: str, data_md5: str) -> str:
-    """What a checkpoint must match to be resumed: the method, student, LoRA, training settings, data,
-    and the training code itself (a resumed run must not mix two versions of the update rule)."""
-    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in NOT_IN_FINGERPRINT}
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in TRAINING_CODE)).hexdigest()
-    spec = {"method": dataclasses.asdict(params.methods[method]), "student": dataclasses.asdict(params.student),
-            "lora": dataclasses.asdict(params.lora), "train": train, "domains": params.domains.train, "data": data_md5,
-            "code": code}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def batcher(groups: list[list[iga.sft.Encoded]], tp: TrainParams, per_batch: int, pad_id: int
-            ) -> Callable[[int], list[iga.sft.Batch]]:
-    """Step -> its micro-batches of `per_batch` groups each: a pure function of the step (resume-safe)."""
-    sampler = GroupSampler(len(groups), per_batch, tp.seed)
-
-    def micro_batches(step: int) -> list[iga.sft.Batch]:
-        return [collate([groups[i] for i in sampler(j)], pad_id, seed=tp.seed * 1_000_003 + j)
-                for j in range(step * tp.grad_accum, (step + 1) * tp.grad_accum)]
-
-    return micro_batches
-
-
-def summarize(method: str, history: list[dict[str, float]], extra: dict[str, Any]) -> dict[str, Any]:
-    # One batch's loss is noisy (problems differ in difficulty): compare the first and last quarters.
-    quarter = max(1, len(history) // 4)
-    summary = {"method": method, "steps": len(history),
-               "loss_first_quarter": statistics.fmean(h["loss"] for h in history[:quarter]),
-               "loss_last_quarter": statistics.fmean(h["loss"] for h in history[-quarter:]),
-               "step_time_s_median": statistics.median(h["step_time_s"] for h in history), **extra}
-    for key in ("mask_mean", "mask_frac_below_half", "vhat_mean", "proj_residual"):
-        if key in history[0]:
-            summary[f"{key}_avg"] = statistics.fmean(h[key] for h in history)
-    return summary
 
 
 @task(cache_policy=NO_CACHE)
@@ -89,7 +37,7 @@ def train_method(params: Params, method: str) -> dict[str, Any]:
         raise DataError(f"{TRAIN}: no isomer group fits in train.max_length = {tp.max_length} tokens")
     micro_batches = batcher(groups, tp, tp.groups_per_batch, tokenizer.pad_token_id)
     data_md5 = tracking.data_hash(TRAIN)
-    key = fingerprint(params, method, data_md5)
+    key = fingerprint("train-run", params, method, data=data_md5)
     ckpt = checkpoint_dir(method)
     mlflow = tracking.mlflow_module()
     start, extra = resume_point(ckpt, key)

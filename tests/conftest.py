@@ -75,8 +75,8 @@ def workdir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    """A saved tiny Llama + tokenizer trained offline (iga.student.build_tiny), as a base-model folder."""
-    from iga.student import prepare_base
+    """A saved tiny Llama + tokenizer trained offline (iga.train.student.build_tiny), as a base-model folder."""
+    from iga.train.student import prepare_base
 
     path = tmp_path_factory.mktemp("tiny-base")
     prepare_base("tiny", path)
@@ -85,9 +85,9 @@ def tiny_base(tmp_path_factory) -> Path:
 
 def isomer_rows(n_seeds: int, seed: int = 0) -> list[dict]:
     """Clean isomer rows (procedural teacher, no flaws) for `n_seeds` seeds in the training domains."""
+    from iga.data.seeds import procedural_seeds
+    from iga.data.teacher import make_teacher
     from iga.params import load_params
-    from iga.seeds import procedural_seeds
-    from iga.teacher import make_teacher
 
     params = load_params(ROOT / "params.yaml", overrides={"seeds.n": n_seeds, "seeds.seed": seed,
                                                           "teacher.flaw_rate": 0.0})

@@ -6,8 +6,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iga.combine import and_mask, irm_penalty, mgda, min_norm_weights, pcgrad, pcgrad_projections, sand_mask, \
-    vrex_penalty
+from iga.combine import (
+    and_mask,
+    irm_penalty,
+    mgda,
+    min_norm_weights,
+    pcgrad,
+    pcgrad_projections,
+    sand_mask,
+    vrex_penalty,
+)
 
 FLOATS = st.floats(-10, 10, allow_nan=False, allow_infinity=False, width=32)
 

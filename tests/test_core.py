@@ -6,8 +6,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iga.core import (conflict_mask, lora_factor_grads, normalized_variance, project_to_lora, projection_residual,
-                      randomized_svd, reconstruct)
+from iga.core import (
+    conflict_mask,
+    lora_factor_grads,
+    normalized_variance,
+    project_to_lora,
+    projection_residual,
+    randomized_svd,
+    reconstruct,
+)
 
 settings.register_profile("iga", deadline=None, max_examples=60)
 settings.load_profile("iga")

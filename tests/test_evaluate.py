@@ -9,11 +9,19 @@ from hypothesis.extra.numpy import arrays
 
 from conftest import ROOT, isomer_rows
 from iga.errors import ConfigError, DataError
-from iga.evaluate import (depth_layers, evaluate_student, generate, lcs_record, score, shared_prefix, teacher_forced,
-                          trace_cov)
+from iga.eval.evaluate import (
+    depth_layers,
+    evaluate_student,
+    generate,
+    lcs_record,
+    score,
+    shared_prefix,
+    teacher_forced,
+    trace_cov,
+)
 from iga.params import load_params
-from iga.sft import encode
-from iga.student import load_student, load_trained
+from iga.train.sft import encode
+from iga.train.student import load_student, load_trained
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +61,8 @@ def test_exact_match_after_normalisation():
 def test_nll_is_the_training_loss_of_each_row_alone(trained):
     """Batched, padded and sorted by length, each row's NLL is what training's own loss gives for
     that row on its own: the completion tokens only, in the chat template."""
-    from iga.methods import token_losses
-    from iga.sft import collate
+    from iga.train.methods import token_losses
+    from iga.train.sft import collate
 
     model, tokenizer = trained
     rows = isomer_rows(2)
@@ -138,16 +146,17 @@ def test_evaluate_student_scores_every_row_and_generates_the_chosen_seeds(traine
 
 
 def test_stale_metrics_are_refused(workdir):
-    from tasks.evaluate import load_eval_metrics, params_hash
+    from iga.stages import params_hash
+    from tasks.lifecycle import load_eval_metrics
     from tasks.paths import eval_metrics
 
     params = load_params("params.yaml")
     with pytest.raises(DataError, match="no evaluation of erm"):
         load_eval_metrics(params, "erm")
     eval_metrics("erm").parent.mkdir(parents=True)
-    eval_metrics("erm").write_text(json.dumps({"params_hash": params_hash(params, "erm")}))
+    eval_metrics("erm").write_text(json.dumps({"params_hash": params_hash("evaluate", params, "erm")}))
     assert load_eval_metrics(params, "erm")["params_hash"]
     changed = load_params("params.yaml", overrides={"eval.max_new_tokens": 7})
     with pytest.raises(DataError, match="another params.yaml"):
         load_eval_metrics(changed, "erm")
-    assert params_hash(load_params("params.yaml", overrides={"train.threads": 1}), "erm") == params_hash(params, "erm")
+    assert params_hash("evaluate", load_params("params.yaml", overrides={"train.threads": 1}), "erm") == params_hash("evaluate", params, "erm")

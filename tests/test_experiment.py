@@ -8,19 +8,19 @@ import pytest
 
 from conftest import ROOT, write_params
 from iga.errors import ConfigError
-from iga.experiment import PHRASINGS, complete_groups, held_out, train_units
+from iga.eval.scores import DEPTHS
+from iga.experiment.variants import PHRASINGS, complete_groups, held_out, train_units
 from iga.io import write_jsonl
 from iga.params import RunConfig, load_params
-from iga.scores import DEPTHS
-from iga.tables import COMPARED, table3
+from iga.report.tables import COMPARED, table3
 from tasks.paths import ACCEPTED, TABLES, experiment_result
 
 DOMAINS = ("mathematics", "medical", "legal", "science")
 
 
 def rows_for(n_seeds: int, domains: tuple[str, ...]) -> list[dict]:
-    from iga.seeds import procedural_seeds
-    from iga.teacher import make_teacher
+    from iga.data.seeds import procedural_seeds
+    from iga.data.teacher import make_teacher
 
     params = load_params(ROOT / "params.yaml", overrides={"seeds.n": n_seeds, "teacher.flaw_rate": 0.0})
     teacher = make_teacher(params)
@@ -93,7 +93,7 @@ def _evaluation(ood_right: float, nll_ood: float, seed: int, n_seeds: int = 40) 
 
 
 def test_verdicts_are_paired_and_holm_corrected():
-    from iga.tables import verdicts
+    from iga.report.tables import verdicts
 
     iga = [_evaluation(0.9, 0.6, seed) for seed in range(3)]
     worse = [_evaluation(0.2, 0.9, 10 + seed) for seed in range(3)]
@@ -133,6 +133,7 @@ def test_experiment_flow_runs_the_matrix_writes_the_tables_and_resumes(prefect_a
     from mlflow.tracking import MlflowClient
 
     from flows.experiment import experiment_flow
+    from flows.split import split_flow
     from flows.student import student_flow
 
     write_params(workdir, {"experiment.seeds": [0, 1], "experiment.steps": 2, "experiment.eval_groups": 2,
@@ -140,6 +141,7 @@ def test_experiment_flow_runs_the_matrix_writes_the_tables_and_resumes(prefect_a
                            "experiment.table1": ["erm", "lora-sft", "cot-distill", "pcgrad", "iga"],
                            "experiment.table2": ["iga-random-pairing", "iga-instance-split", "iga-n2"]})
     write_jsonl(ACCEPTED, rows_for(30, DOMAINS + ("finance", "engineering")))  # 5 test seeds
+    split_flow("params.yaml")  # the runs read the split stage's outputs, as `dvc repro experiment` gives them
     student_flow("params.yaml")
     experiment_flow("params.yaml")
     names = ["erm", "lora-sft", "cot-distill", "pcgrad", "iga", "iga-random-pairing", "iga-instance-split", "iga-n2"]

@@ -5,10 +5,18 @@ import importlib.util
 
 import pytest
 
-from iga import external
 from iga.errors import ConfigError
-from iga.external import (BENCHMARKS, MATH_SPLIT, SUBJECTS, extract_prediction, is_correct, last_boxed,
-                          load_benchmark, normalize_math)
+from iga.eval import external
+from iga.eval.external import (
+    BENCHMARKS,
+    MATH_SPLIT,
+    SUBJECTS,
+    extract_prediction,
+    is_correct,
+    last_boxed,
+    load_benchmark,
+    normalize_math,
+)
 
 ALL = 10**6  # a limit above every benchmark's size
 

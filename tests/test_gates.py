@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import ROOT
-from iga.gates import Gate, final_verdict, regenerable
+from iga.data.gates import Gate, final_verdict, regenerable
 from iga.params import load_params
 
 P = load_params(ROOT / "params.yaml")

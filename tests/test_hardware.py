@@ -27,11 +27,11 @@ def test_this_machine_is_described():
 @pytest.mark.parametrize("name", ["erm", "iga"])
 def test_bf16_autocast_trains_on_the_cpu(tiny_base, tmp_path, name):
     from conftest import ROOT, isomer_rows
-    from iga.methods import build_method
     from iga.params import load_params
-    from iga.sft import collate, encode_groups, isomer_groups
-    from iga.student import load_student
-    from iga.train import train
+    from iga.train.loop import train
+    from iga.train.methods import build_method
+    from iga.train.sft import collate, encode_groups, isomer_groups
+    from iga.train.student import load_student
 
     params = load_params(ROOT / "params.yaml")
     domains = params.domains.train

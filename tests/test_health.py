@@ -1,8 +1,8 @@
-"""Health floors (iga.health): each data stage fails below its floor with the count and the top reasons."""
+"""Health floors (iga.data.health): each data stage fails below its floor with the count and the top reasons."""
 import pytest
 
+from iga.data.health import check_gate, check_split, check_teacher, top
 from iga.errors import HealthError
-from iga.health import check_gate, check_split, check_teacher, top
 
 
 def test_top_counts_a_message_once_whatever_its_seed():

@@ -124,6 +124,7 @@ def outcome(repo: Path) -> dict:
     }
 
 
+@pytest.mark.slow  # ~4 min 20 s on 2 AVX2 cores: a reference lifecycle and five killed ones (make test-all)
 def test_kill_9_at_every_phase_then_rerun_ends_as_an_uninterrupted_run(prefect_api_url, tmp_path):
     reference = make_repo(tmp_path / "reference", {**os.environ})
     Lifecycle(reference, environ(reference, prefect_api_url)).finish()

@@ -16,8 +16,8 @@ from conftest import ROOT
 LOCK = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
 # Outputs of one stage that another reads: DVC data, absent from a fresh clone, checked by the chain below.
 OUTS = {o["path"]: o["md5"] for s in LOCK.values() for o in s.get("outs", [])}
-# The committed Tables 1-3 are a partial matrix (experiment.table1: [erm, iga], table2: [iga-mean]; README
-# "The experiment"); the experiment's lock entry is the last full run's, on older code and data. Strict:
+# The committed Tables 1-3 are a partial matrix (experiment.table1: [erm, iga], table2: [iga-mean];
+# docs/experiment.md); the experiment's lock entry is the last full run's, on older code and data. Strict:
 # once `dvc repro experiment` has run the whole matrix, these marks fail and must go.
 KNOWN_STALE = {"experiment": "reports/table1-3.md hold a partial matrix; the full one has not run on this code"}
 

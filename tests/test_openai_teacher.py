@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from fault_server import ANNOTATE, DAG, INSTANCE, VERIFY, FaultServer
-from iga.dag import LogicalDAG
+from iga.data.dag import LogicalDAG
+from iga.data.teacher import make_teacher
+from iga.data.teacher.openai_teacher import SCHEMAS, OpenAITeacher
 from iga.errors import ConfigError, TeacherAbort
 from iga.params import load_params, require_teacher_credentials
-from iga.teacher import make_teacher
-from iga.teacher.openai_teacher import SCHEMAS, OpenAITeacher
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
 SENTINEL_KEY = "sk-test-SENTINEL-12345"

@@ -1,6 +1,7 @@
 import pytest
 
 from conftest import ROOT, write_params
+from iga.data.teacher import make_teacher
 from iga.errors import ConfigError
 from iga.params import load_params, require_teacher_credentials
 
@@ -31,9 +32,9 @@ def test_project_params_load():
     ("teacher.batch_discount", 0, "teacher.batch_discount must be in (0, 1]"),
     ("teacher.openai.backoff_s", 100, "teacher.openai.backoff_s must be in [0, backoff_max_s]"),
     ("seeds.max_steps", 9, "seeds.min_steps/max_steps"),
-    ("seeds.families", ["arithmetic", "calculus"], "seeds.families[1]"),
+    ("seeds.families", ["arithmetic", "calculus"], "seeds.families[1] must be one of"),
+    ("eval.external", {"gsm8k": {"limit": 2}, "aime": {"limit": 2}}, "eval.external.aime must be one of"),
     ("domains.ood", ["finance", "medical"], "domains.ood must not share"),
-    ("domains.train", ["mathematics", "astrology"], "domains.train[1] is unknown"),
     ("seeds.source", "jsonl", "seeds.path is required"),
     ("train.methods", ["erm", "sgd"], "train.methods[1] must be a key of methods"),
     ("lora.dropout", 0.1, "lora.dropout must be 0 for method iga"),
@@ -57,6 +58,12 @@ def test_unknown_and_missing_keys(tmp_path):
     path.write_text(text.replace("  test_fraction: 0.2\n", ""))
     with pytest.raises(ConfigError, match="missing key split.test_fraction"):
         load_params(path)
+
+
+def test_the_procedural_teacher_refuses_a_domain_it_has_no_lexicon_for(tmp_path):
+    params = load_params(write_params(tmp_path, {"domains.train": ["mathematics", "astrology", "legal", "science"]}))
+    with pytest.raises(ConfigError, match=r"domains.train\[1\] is unknown to the procedural teacher"):
+        make_teacher(params)
 
 
 def test_procedural_teacher_refuses_seeds_without_program(tmp_path):

@@ -4,9 +4,9 @@ from collections import Counter
 import pytest
 
 from conftest import ROOT
+from iga.data.seeds import procedural_seeds
+from iga.data.teacher import make_teacher
 from iga.params import load_params
-from iga.seeds import procedural_seeds
-from iga.teacher import make_teacher
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_domains_differ_in_vocabulary(setup):
 def test_hints_are_right_in_training_domains_and_wrong_out_of_domain(rate, ood_cue):
     """A yes/no question ends with its domain's hint at `shortcut_rate`: at the true answer in the training
     domains; in the held-out domains only with ood_cue reversed, and then at the wrong answer."""
-    from iga.teacher.domains import DOMAINS
+    from iga.data.domains import DOMAINS
 
     params = load_params(ROOT / "params.yaml", overrides={"seeds.n": 60, "teacher.shortcut_rate": rate,
                                                           "teacher.ood_cue": ood_cue})

@@ -1,4 +1,4 @@
-"""Promotion on evidence: the pure decision (iga.promotion) on synthetic scores, then on a real (sqlite)
+"""Promotion on evidence: the pure decision (iga.report.promotion) on synthetic scores, then on a real (sqlite)
 MLflow registry: a clearly better challenger moves `champion`, a slightly better one does not, a tie
 keeps it, a stale champion is scored again on the current set, a failed evaluation moves nothing;
 an unreachable server fails fast."""
@@ -13,7 +13,7 @@ from conftest import isomer_rows
 from iga.errors import ConfigError, DataError
 from iga.io import write_jsonl
 from iga.params import load_params
-from iga.promotion import decide
+from iga.report.promotion import decide
 
 
 def scores(correct_ood: list[bool], nll_ood: list[float] | None = None) -> dict:
@@ -116,7 +116,7 @@ def registry(workdir, monkeypatch, tiny_base, prefect_api_url):
 
 
 def _adapter(method: str, seed: int) -> None:
-    from iga.student import load_student
+    from iga.train.student import load_student
     from tasks.paths import adapter_dir
 
     params = load_params("params.yaml")
@@ -130,7 +130,7 @@ def _adapter(method: str, seed: int) -> None:
 
 def _lifecycle(methods: list[str]) -> dict:
     """Evaluate each method's adapter, then register and promote, as the lifecycle does."""
-    from iga.report import RunResult
+    from iga.report.report import RunResult
     from tasks.evaluate import evaluate_method
     from tasks.registry import register
 
@@ -164,7 +164,7 @@ def test_the_registry_moves_only_on_evidence_and_rescores_a_stale_champion(regis
     assert len(client.search_model_versions("name = 'iga-student'")) == 2
 
     # the held-out set changes and erm is not retrained: its old scores are stale, so it is scored again
-    from tasks.evaluate import eval_key
+    from tasks.registry import eval_key
 
     old_key = champion.tags["eval_key"]
     write_jsonl("data/split/ood.jsonl", [dict(r, domain="engineering") for r in isomer_rows(3)
@@ -190,7 +190,7 @@ def test_a_failed_evaluation_moves_nothing(registry):
     before = client.get_model_version_by_alias("iga-student", "champion").version
     versions = len(client.search_model_versions("name = 'iga-student'"))
     _adapter("iga", 3)
-    from iga.report import RunResult
+    from iga.report.report import RunResult
     from tasks.evaluate import evaluate_method
     from tasks.registry import register
 
@@ -219,8 +219,8 @@ def test_metric_tags_follow_the_latest_evaluation(registry):
 
 
 def test_an_unreachable_tracking_server_fails_fast(monkeypatch):
-    from tasks import tracking
     from servers import free_port
+    from tasks import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(ConfigError, match="unreachable"):

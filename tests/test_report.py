@@ -1,10 +1,9 @@
 import re
-import statistics
 
 import pytest
 
 from iga.errors import DataError
-from iga.report import DEPTHS, RunResult, table1, write_report
+from iga.report.report import DEPTHS, RunResult, table1, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IGA_STATS = {"mask_mean": 0.8, "mask_frac_below_half": 0.1, "vhat_mean": 1.5, "proj_residual": 0.4}

@@ -4,11 +4,11 @@ import random
 import pytest
 
 from conftest import ROOT
-from iga.dag import LogicalDAG
+from iga.data.dag import LogicalDAG
+from iga.data.program import FAMILIES, Program, generate
+from iga.data.seeds import gsm_symbolic_seeds, procedural_seeds, read_seed_file
 from iga.errors import DataError
 from iga.params import load_params
-from iga.program import FAMILIES, Program, generate
-from iga.seeds import gsm_symbolic_seeds, procedural_seeds, read_seed_file
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT
+from iga.data.split import side, split
 from iga.params import load_params
-from iga.split import side, split
 
 P = load_params(ROOT / "params.yaml")
 DOMAINS = P.domains.train + P.domains.ood

@@ -6,11 +6,11 @@ import torch
 
 from conftest import ROOT, isomer_rows
 from iga.errors import ConfigError
-from iga.methods import build_method
 from iga.params import load_params
-from iga.pergrad import lora_layers
-from iga.sft import collate, encode_groups, isomer_groups
-from iga.student import load_student, prepare_base
+from iga.train.methods import build_method
+from iga.train.pergrad import lora_layers
+from iga.train.sft import collate, encode_groups, isomer_groups
+from iga.train.student import load_student, prepare_base
 
 P = load_params(ROOT / "params.yaml")
 

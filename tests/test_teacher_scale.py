@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_openai_teacher import MODEL, SENTINEL_KEY, hermetic_env, teacher_overrides  # noqa: F401 (autouse)
 
 from conftest import ROOT, write_params
 from fault_server import FAULTS, INSTANCE, VALID, FaultServer
+from iga.data.teacher.ledger import totals
+from iga.data.teacher.ratelimit import TokenBucket
 from iga.io import read_jsonl
-from iga.teacher.ledger import totals
-from iga.teacher.ratelimit import TokenBucket
-from test_openai_teacher import MODEL, SENTINEL_KEY, hermetic_env, teacher_overrides  # noqa: F401 (autouse)
 
 N_SEEDS = 12
 CALLS_PER_SEED = 2 + 2 * 6  # extract, annotate, then instantiate + verify in each of 6 domains
@@ -221,8 +221,8 @@ def test_batch_job_survives_a_kill_and_is_polled_not_resubmitted(server, prefect
 
 
 def test_retry_after_is_honoured_and_rpm_is_kept(server, tmp_path):
+    from iga.data.teacher import make_teacher
     from iga.params import load_params
-    from iga.teacher import make_teacher
 
     def params(**extra):
         return load_params(ROOT / "params.yaml", overrides={
@@ -251,9 +251,9 @@ def test_the_engine_learns_a_hidden_limit_from_the_headers_and_keeps_under_it(se
     """rpm and tpm unset; the server enforces 1200 requests per minute (20 per second, a bucket of 20) and
     says so in x-ratelimit-* headers: after its first answers the engine paces at PACE of it."""
     from fault_server import HiddenLimit
+    from iga.data.teacher import make_teacher
+    from iga.data.teacher.ratelimit import PACE
     from iga.params import load_params
-    from iga.teacher import make_teacher
-    from iga.teacher.ratelimit import PACE
 
     server.state.limit = HiddenLimit(rpm=1200, tpm=None)
     teacher = make_teacher(load_params(ROOT / "params.yaml", overrides={
@@ -274,7 +274,7 @@ def test_the_engine_learns_a_hidden_limit_from_the_headers_and_keeps_under_it(se
 
 
 def test_the_window_halves_on_a_429_once_per_round_and_grows_back():
-    from iga.teacher.ratelimit import Window
+    from iga.data.teacher.ratelimit import Window
 
     window = Window(16)
     window.cut(sent_at=0.0)
@@ -296,7 +296,7 @@ def test_the_window_halves_on_a_429_once_per_round_and_grows_back():
 
 def test_token_bucket_never_grants_more_than_rate_times_time_plus_burst(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("iga.teacher.ratelimit.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("iga.data.teacher.ratelimit.time.monotonic", lambda: clock[0])
     bucket = TokenBucket(per_minute=600, burst=5)  # 10 units/s
     starts = []
     for i in range(40):
@@ -323,7 +323,7 @@ def test_dry_run_estimates_calls_tokens_and_cost(server, prefect_api_url, tmp_pa
 def test_the_estimate_names_the_limit_that_binds():
     """The new user's case: tpm 200 000 counts prompt + max_tokens (2048) per call, ~2 600 tokens: ~77 calls
     a minute, whatever the concurrency; so 520 calls take ~6.8 min, bound by tpm."""
-    from iga.teacher.estimate import wall_time
+    from iga.data.teacher.estimate import wall_time
 
     wall = wall_time(calls=520, latency_s=520 * 6.0, limiter_tokens=520 * 2600, concurrency=16, rpm=500, tpm=200_000)
     assert wall["binding"] == "tpm" and wall["seconds"] == pytest.approx(60 * 520 * 2600 / 200_000, abs=0.1)
@@ -359,8 +359,8 @@ def test_the_api_key_reaches_no_log_no_mlflow_no_prefect_no_file(server, prefect
 
 def test_a_401_stops_the_stage_and_prefect_does_not_retry_it(server, prefect_api_url, tmp_path, monkeypatch):
     from flows.isomers import isomers_flow
+    from iga.data.teacher.openai_teacher import OpenAITeacher
     from iga.errors import TeacherAbort
-    from iga.teacher.openai_teacher import OpenAITeacher
 
     monkeypatch.chdir(seeded_project(tmp_path, server, **{"teacher.task_retries": 2}))
     server.state.mode = "http401"
@@ -459,7 +459,7 @@ def test_the_window_never_lets_more_calls_in_than_its_size():
     in flight, and every call gets its turn."""
     import asyncio
 
-    from iga.teacher.ratelimit import Window
+    from iga.data.teacher.ratelimit import Window
 
     async def scenario() -> list[int]:
         window, seen = Window(8), []

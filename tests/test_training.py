@@ -7,12 +7,12 @@ import torch
 
 from conftest import ROOT, isomer_rows
 from iga.errors import TrainingError
-from iga.methods import METHODS, build_method, domain_means, token_losses
 from iga.params import IGAConfig, load_params
-from iga.pergrad import lora_layers, per_domain_gradients
-from iga.sft import Batch, GroupSampler, collate, encode_groups, isomer_groups
-from iga.student import load_student
-from iga.train import CHECKPOINT, train
+from iga.train.loop import CHECKPOINT, train
+from iga.train.methods import METHODS, build_method, domain_means, token_losses
+from iga.train.pergrad import lora_layers, per_domain_gradients
+from iga.train.sft import Batch, GroupSampler, collate, encode_groups, isomer_groups
+from iga.train.student import load_student
 
 P = load_params(ROOT / "params.yaml")
 DOMAINS = P.domains.train
@@ -77,6 +77,24 @@ def test_iga_one_pass_and_n_passes_give_the_same_update(tiny_base, rows):
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-3, atol=1e-4 * float(g2[n].abs().max()))
+
+
+@pytest.mark.parametrize("name, calls", [("iga", {"conflict_mask", "project_to_lora"}),
+                                         ("iga-and-mask", {"agreement_mask", "project_to_lora"})])
+def test_iga_trains_with_the_functions_the_property_tests_check(tiny_base, rows, monkeypatch, name, calls):
+    """IGA's step runs iga.core's conflict_mask and project_to_lora (and the AND-mask ablation
+    iga.combine's agreement_mask, the mask of and_mask): not private copies of them."""
+    import iga.combine
+    import iga.train.methods
+
+    seen = set()
+    for owner, function in ((iga.train.methods, "conflict_mask"), (iga.train.methods, "project_to_lora"),
+                            (iga.combine, "agreement_mask")):
+        real = getattr(owner, function)
+        monkeypatch.setattr(owner, function, lambda *a, _f=function, _real=real, **k: seen.add(_f) or _real(*a, **k))
+    model, tokenizer = student(tiny_base)
+    build_method(P.methods[name], model, DOMAINS).step(batches(tokenizer, rows)(0))
+    assert seen == calls
 
 
 @pytest.mark.parametrize("name", ["iga-no-proj", "iga-factor-mask", "iga-and-mask"])

@@ -1,0 +1,166 @@
+"""The experiment's Tables 1–3 in Markdown, with a verdict of where IGA wins, ties or loses.
+
+A verdict compares two methods paired problem by problem and training seed by training seed
+(iga.eval.scores.compare: a two-level bootstrap over training seeds and test seeds). A difference is a
+win or a loss only when it stays significant after Holm's correction over all the table's
+comparisons; otherwise it is a tie. Δ-Gap and NLL gap are ranked by their size |gap|: a gap below
+zero (OOD above ID) is not better than no gap.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from iga.errors import DataError
+from iga.eval.scores import Comparison, Evaluation, compare, detectable
+from iga.params import RunConfig
+from iga.report.report import Summaries, figure_cell, markdown, results_table
+from iga.stats import holm
+
+ALPHA = 0.05
+# (header, figure, +1 higher is better / −1 lower is better (|gap| for the gaps), display scale, decimals)
+COMPARED: tuple[tuple[str, str, int, float, int], ...] = (
+    ("ID acc.", "id_accuracy", 1, 100, 1),
+    ("OOD acc.", "ood_accuracy", 1, 100, 1),
+    ("|Δ-Gap|", "delta_gap", -1, 100, 1),
+    ("NLL OOD", "nll_ood", -1, 1, 3),
+    ("|NLL gap|", "nll_gap", -1, 1, 3),
+    ("LCS (normalised)", "lcs.penultimate.normalized", -1, 1, 4),
+)
+RULE = ("Each cell: difference, its 95 % interval, and the verdict. A win or a loss only when the paired difference "
+        f"is significant at {ALPHA} after Holm's correction over all comparisons of the table (p_H, the adjusted "
+        "p-value); otherwise a tie. Paired by training seed and problem (test seed for the gaps, isomer group for "
+        "LCS); intervals from a bootstrap over training seeds and test seeds. |Δ-Gap| and |NLL gap| rank a gap by "
+        "its size: a negative gap (OOD above ID) is not better than zero. Accuracies and Δ-Gap in points, NLL in "
+        "nats per token.")
+
+
+def verdicts(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Evaluation]]]
+             ) -> dict[tuple[str, str], tuple[Comparison, float, str]]:
+    """Every (row name, figure) of a table: (comparison ours − theirs, Holm-adjusted p, verdict)."""
+    raw = {(name, figure): compare(ours, theirs, figure)
+           for name, ours, theirs in pairs for _, figure, _, _, _ in COMPARED}
+    adjusted = holm([c.p for c in raw.values()])
+    sign = {figure: s for _, figure, s, _, _ in COMPARED}
+    out = {}
+    for (key, c), p in zip(raw.items(), adjusted):
+        better = sign[key[1]] * c.delta > 0
+        out[key] = (c, float(p), ("win" if better else "loss") if p < ALPHA else "tie")
+    return out
+
+
+def _cell(result: tuple[Comparison, float, str], scale: float, decimals: int) -> str:
+    c, p, verdict = result
+    f = lambda v: f"{scale * v:+.{decimals}f}"  # noqa: E731
+    shown = f"**{verdict}**" if verdict != "tie" else verdict
+    return f"{f(c.delta)} [{f(c.lo)}, {f(c.hi)}] {shown} (p_H {p:.2g})"
+
+
+def _counts(results: dict[Any, tuple[Comparison, float, str]]) -> dict[str, int]:
+    counts = {"win": 0, "tie": 0, "loss": 0}
+    for _, _, verdict in results.values():
+        counts[verdict] += 1
+    return counts
+
+
+def detectable_line(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Evaluation]]]) -> str:
+    """The median over the table's comparisons of the minimum detectable difference (α 0.05, power 0.8)."""
+    parts, seeds = [], set()
+    for header, figure, _, scale, decimals in COMPARED:
+        if figure.startswith("lcs"):
+            continue
+        found = [_detectable(ours, theirs, figure) for _, ours, theirs in pairs]
+        values = [mde for mde, n in filter(None, found)]
+        seeds |= {n for _, n in filter(None, found)}
+        unit = " points" if scale == 100 else " nats/token"
+        parts.append(f"{header.strip('|')} {scale * float(np.median(values)):.{decimals}f}{unit}")
+    n = "/".join(map(str, sorted(seeds)))
+    return (f"*Minimum detectable difference (α 0.05, power 0.8; median over the comparisons; from the spread of "
+            f"paired per-test-seed differences over {n} test seeds, averaged over training seeds): "
+            + ", ".join(parts) + ".*")
+
+
+def _detectable(ours: Sequence[Evaluation], theirs: Sequence[Evaluation], figure: str) -> tuple[float, int] | None:
+    """None for a pair scored on different test seeds (an instance-level split): nothing to pair."""
+    try:
+        return detectable(ours, theirs, figure)
+    except DataError:
+        return None
+
+
+def table1(summaries: Summaries, evaluations: dict[str, list[Evaluation]], reference: str, scale: str,
+           run_s: float) -> str:
+    """Table 1 with every figure's interval, then the reference method against each other one."""
+    pairs = [(name, evaluations[reference], evals) for name, evals in evaluations.items() if name != reference]
+    results = verdicts(pairs)
+    counts = _counts(results)
+    rows = [[name, *(_cell(results[(name, figure)], s, d) for _, figure, _, s, d in COMPARED)]
+            for name, _, _ in pairs]
+    return "\n\n".join([
+        "# Table 1: IGA against the baselines",
+        f"*{scale}. Training and evaluation of all runs of Tables 1 and 2 took {run_s / 60:.0f} min on this "
+        "machine.*", results_table(summaries),
+        f"## Where {reference} wins, ties or loses",
+        f"Against the {len(pairs)} other methods on {len(COMPARED)} figures: **{counts['win']} wins, "
+        f"{counts['tie']} ties, {counts['loss']} losses** of {sum(counts.values())} comparisons. Difference = "
+        f"{reference} − other; the verdict is {reference}'s. " + RULE,
+        markdown([f"{reference} vs", *(h for h, _, _, _, _ in COMPARED)], rows),
+        detectable_line(pairs)]) + "\n"
+
+
+def describe(run: RunConfig, reference: RunConfig) -> str:
+    """What an ablation changes relative to the reference run."""
+    parts = []
+    if run.method != reference.method:
+        parts.append(f"method `{run.method}`")
+    if run.data != reference.data:
+        parts.append(f"data {run.data.replace('_', ' ')}")
+    if run.domains != reference.domains:
+        parts.append(f"domains {', '.join(run.domains or ('all',))}")
+    if run.split != reference.split:
+        parts.append(f"{run.split}-level split (leaks: inflated ID)")
+    return "; ".join(parts) or "nothing"
+
+
+def table2(summaries: Summaries, evaluations: dict[str, list[Evaluation]], configs: dict[str, RunConfig],
+           reference: str, scale: str) -> str:
+    """Each ablation's figures and its paired difference from full IGA (ablation − IGA) with the verdict."""
+    ablations = [name for name in evaluations if name != reference]
+    pairs = [(name, evaluations[name], evaluations[reference]) for name in ablations]
+    results = verdicts(pairs)
+    header = ["Ablation", "Changes", *(h for h, _, _, _, _ in COMPARED)]
+    rows = [[f"{reference} (full)", "–", *(figure_cell(summaries[reference], f, s, d) for _, f, _, s, d in COMPARED)]]
+    for name in ablations:
+        rows.append([name, describe(configs[name], configs[reference]),
+                     *(figure_cell(summaries[name], f, s, d) for _, f, _, s, d in COMPARED)])
+    deltas = [[name, *(_cell(results[(name, figure)], s, d) for _, figure, _, s, d in COMPARED)] for name in ablations]
+    counts = _counts(results)
+    return "\n\n".join([
+        "# Table 2: IGA ablations", f"*{scale}. Figures with their 95 % intervals; |Δ-Gap| and |NLL gap| are the "
+        "gaps' sizes.*", markdown(header, rows),
+        f"## Each ablation against full {reference}",
+        f"**{counts['win']} wins, {counts['tie']} ties, {counts['loss']} losses** for the ablations, of "
+        f"{sum(counts.values())} comparisons. Difference = ablation − {reference}; the verdict is the ablation's. "
+        + RULE + " LCS of every run is measured on the same seed-level held-out groups (for the instance-level "
+        "split some of them were seen in training).",
+        markdown(["Ablation vs full", *(h for h, _, _, _, _ in COMPARED)], deltas), detectable_line(pairs)]) + "\n"
+
+
+def table3(cost: dict[str, Any]) -> str:
+    """Step time and peak memory per method on one batch, relative to ERM."""
+    methods = cost["methods"]
+    erm = methods["erm"]
+    device = erm["device"]
+    memory = "peak GPU memory allocated" if device == "cuda" else "peak resident memory above the loaded model"
+    rows = [[m, f"{c['step_time_s']:.2f}", f"{c['step_time_s'] / erm['step_time_s']:.2f}×", f"{c['peak_mb']:.0f}",
+             f"{c['peak_mb'] / erm['peak_mb']:.2f}×"] for m, c in methods.items()]
+    same = sorted(r for r, m in cost["runs"].items() if m == "erm" and r != "erm")
+    return "\n\n".join([
+        "# Table 3: cost per step relative to ERM",
+        f"*One batch ({erm['sequences']} sequences, {erm['tokens']} tokens), the same for every method, on "
+        f"{device}; each method in its own fresh process, one warm-up step, then the median of "
+        f"{len(erm['step_times_s'])} timed steps. Memory: {memory}, in MB.*",
+        markdown(["Method", "Step time (s)", "× ERM", "Peak memory (MB)", "× ERM"], rows),
+        f"*{', '.join(same)} train ERM on other data: per batch they cost what ERM costs.*" if same else "",
+    ]).rstrip() + "\n"

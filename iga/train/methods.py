@@ -1,0 +1,267 @@
+"""Training methods behind one interface (as DomainBed's algorithms.py), and their registry.
+
+`Method.step(batch)` runs forward and backward on one micro-batch, ADDS the gradients of the
+trainable (LoRA) parameters into their `.grad` (so the trainer can accumulate micro-batches), and
+returns scalar metrics. The trainer owns the optimizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from iga import combine
+from iga.core import conflict_mask, lora_factor_grads, normalized_variance, project_to_lora, reconstruct
+from iga.params import AndMaskConfig, IGAConfig, MethodConfig, PenaltyConfig, SandMaskConfig
+from iga.train.pergrad import LoraLayer, lora_layers, per_domain_gradients
+from iga.train.sft import IGNORE, Batch
+
+
+def token_losses(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Per-row sum of next-token losses over labelled tokens, and their count."""
+    sums, counts, _ = forward_losses(model, batch)
+    return sums, counts
+
+
+def forward_losses(model: nn.Module, batch: Batch, hidden_states: bool = False
+                   ) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
+    """`token_losses`, and every layer's hidden states when asked. The vocabulary projection runs only
+    at the positions that predict a labelled token (the completion), not over the whole prompt."""
+    labels = batch.labels[:, 1:]
+    labelled = labels != IGNORE
+    keep = torch.cat([labelled, labelled.new_zeros(labelled.shape[0], 1)], dim=1)  # position t predicts token t + 1
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
+                output_hidden_states=hidden_states)
+    loss = F.cross_entropy(out.logits.float(), labels[labelled], reduction="none")  # (labelled tokens,)
+    rows = labelled.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=loss.dtype, device=loss.device).index_add(0, rows, loss)
+    return sums, labelled.sum(dim=1), out.hidden_states if hidden_states else None
+
+
+def domain_means(sums: Tensor, counts: Tensor, n_domains: int) -> Tensor:
+    """Each domain's mean token loss (N,), from a domain-major batch."""
+    return sums.view(n_domains, -1).sum(dim=1) / counts.view(n_domains, -1).sum(dim=1).clamp(min=1)
+
+
+class Method:
+    def __init__(self, model: nn.Module, config: MethodConfig, domains: tuple[str, ...]):
+        self.model, self.config, self.domains = model, config, domains
+
+    def begin_step(self, step: int, total: int) -> bool:
+        """Called before each optimizer step; True asks the trainer to reset the optimizer's moments."""
+        return False
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _domain_metrics(self, per_domain: Tensor) -> dict[str, float]:
+        return {f"loss/{d}": float(v) for d, v in zip(self.domains, per_domain.detach())}
+
+
+class ERM(Method):
+    """ERM-SFT: the plain mean token loss over the whole batch, no group structure."""
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        sums, counts = token_losses(self.model, batch)
+        loss = sums.sum() / counts.sum().clamp(min=1)
+        loss.backward()
+        return {"loss": loss.item(), **self._domain_metrics(domain_means(sums, counts, batch.n_domains))}
+
+
+class Penalty(Method):
+    """IRM and V-REx (DomainBed): the mean per-domain loss plus weight x an invariance penalty."""
+    config: PenaltyConfig
+
+    def __init__(self, model: nn.Module, config: PenaltyConfig, domains: tuple[str, ...]):
+        super().__init__(model, config, domains)
+        self.weight = 1.0
+
+    def begin_step(self, step: int, total: int) -> bool:
+        switch = round(self.config.anneal_frac * total)
+        self.weight = self.config.penalty_weight if step >= switch else 1.0
+        return step == switch > 0  # Adam's moments do not fit the sharp jump in gradient scale
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        n = batch.n_domains
+        if self.config.kind == "vrex":
+            per_domain = domain_means(*token_losses(self.model, batch), n)
+            penalty = combine.vrex_penalty(per_domain)
+        else:
+            per_domain, penalty = self._irm(batch)
+        loss = per_domain.mean() + self.weight * penalty
+        loss.backward()
+        return {"loss": per_domain.mean().item(), "penalty": penalty.item(), "penalty_weight": self.weight,
+                **self._domain_metrics(per_domain)}
+
+    def _irm(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Each domain's logits times its own dummy scale (1); the penalty's unbiased estimate pairs the
+        losses on the even and the odd labelled positions of that domain's rows."""
+        n = batch.n_domains
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+        labels = batch.labels[:, 1:]
+        scale = torch.ones(n, device=logits.device, requires_grad=True)
+        rows = logits.shape[0] // n
+        scaled = logits * scale.repeat_interleave(rows)[:, None, None]
+        loss = F.cross_entropy(scaled.reshape(-1, scaled.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                               reduction="none").view(labels.shape)
+        labelled = labels != IGNORE
+        even = labelled & (torch.arange(labels.shape[1], device=labels.device) % 2 == 0)
+        halves = [domain_means((loss * part).sum(dim=1), part.sum(dim=1), n) for part in (even, labelled & ~even)]
+        per_domain = domain_means(loss.sum(dim=1), labelled.sum(dim=1), n)
+        return per_domain, combine.irm_penalty(*halves, scale)
+
+
+def _stash_lora_grads(layers: list[LoraLayer]) -> dict[nn.Parameter, Tensor | None]:
+    """Take the LoRA .grad that earlier micro-batches accumulated out of autograd's way."""
+    stash = {}
+    for layer in layers:
+        for param in (layer.A, layer.B):
+            stash[param], param.grad = param.grad, None
+    return stash
+
+
+def _add_lora_grads(new: dict[nn.Parameter, Tensor], stash: dict[nn.Parameter, Tensor | None]) -> None:
+    """The method's own LoRA gradients replace autograd's, added to what was accumulated before."""
+    for param, grad in new.items():
+        before = stash[param]
+        param.grad = grad.to(param.dtype) if before is None else before + grad.to(param.dtype)
+
+
+class GradientRule(Method):
+    """PCGrad, AND-mask, SAND-mask and Pareto-GS: each domain's gradient of the LoRA parameters from
+    the one-pass per-domain engine (chain rule from the full-weight G_n), combined by iga/combine.py.
+    The masks act per LoRA tensor (as DomainBed's per parameter); PCGrad and MGDA see all of them
+    flattened into one vector."""
+
+    def __init__(self, model: nn.Module, config: MethodConfig, domains: tuple[str, ...]):
+        super().__init__(model, config, domains)
+        self.layers = lora_layers(model)
+
+    def _combine(self, per_domain: dict[nn.Parameter, Tensor], seed: int) -> dict[nn.Parameter, Tensor]:
+        c = self.config
+        if isinstance(c, AndMaskConfig):
+            return {p: combine.and_mask(g.flatten(1), c.tau).view(p.shape) for p, g in per_domain.items()}
+        if isinstance(c, SandMaskConfig):
+            return {p: combine.sand_mask(g.flatten(1), c.tau, c.k).view(p.shape) for p, g in per_domain.items()}
+        flat = torch.cat([g.flatten(1) for g in per_domain.values()], dim=1)  # (N, P)
+        update = combine.pcgrad(flat, torch.Generator().manual_seed(seed)) if c.kind == "pcgrad" else combine.mgda(flat)
+        sizes = [p.numel() for p in per_domain]
+        return {p: u.view(p.shape) for p, u in zip(per_domain, update.split(sizes), strict=True)}
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        n = batch.n_domains
+        stash = _stash_lora_grads(self.layers)
+        per_domain: dict[nn.Parameter, Tensor] = {}
+
+        def collect(layer: LoraLayer, G: Tensor) -> None:
+            A, B = layer.A.detach().float(), layer.B.detach().float()
+            per_domain[layer.A], per_domain[layer.B] = lora_factor_grads(G, None, A, B, layer.scaling, "none")
+
+        with per_domain_gradients(self.layers, n, collect):
+            losses = domain_means(*token_losses(self.model, batch), n)
+            losses.mean().backward()
+        with torch.autocast(batch.input_ids.device.type, enabled=False):
+            _add_lora_grads(self._combine(per_domain, batch.seed), stash)
+        return {"loss": losses.mean().item(), **self._domain_metrics(losses)}
+
+
+@dataclass
+class _MaskStats:
+    """Element-weighted over all LoRA modules: is the mask inert (≈1), killing (≈0) or discriminating?"""
+    elements: int = 0
+    mask_sum: float = 0.0
+    below_half: int = 0
+    vhat_sum: float = 0.0
+    residuals: list[float] = field(default_factory=list)
+
+    def add(self, mask: Tensor, vhat: Tensor) -> None:
+        self.elements += mask.numel()
+        self.mask_sum += float(mask.sum())
+        self.below_half += int((mask < 0.5).sum())
+        self.vhat_sum += float(vhat.sum())
+
+    def metrics(self) -> dict[str, float]:
+        out = {"mask_mean": self.mask_sum / self.elements, "mask_frac_below_half": self.below_half / self.elements,
+               "vhat_mean": self.vhat_sum / self.elements}
+        if self.residuals:
+            out["proj_residual"] = sum(self.residuals) / len(self.residuals)
+        return out
+
+
+class IGA(Method):
+    """Invariant Gradient Alignment (paper Algorithm 1), module by module:
+    per-domain gradients → reconstruction → conflict mask → masked mean → rank-r projection."""
+    config: IGAConfig
+
+    def __init__(self, model: nn.Module, config: IGAConfig, domains: tuple[str, ...]):
+        super().__init__(model, config, domains)
+        self.layers = lora_layers(model)
+        self.index = {layer.name: i for i, layer in enumerate(self.layers)}
+
+    def _combine(self, layer: LoraLayer, G: Tensor, seed: int, stats: _MaskStats) -> tuple[Tensor, ...]:
+        c = self.config
+        # One generator per (micro-batch, module): the draws do not depend on the order modules arrive in.
+        generator = torch.Generator(device=G.device).manual_seed(seed * 100_003 + self.index[layer.name])
+        A, B, s = layer.A.detach().float(), layer.B.detach().float(), layer.scaling
+        with torch.autocast(G.device.type, enabled=False):  # the IGA math runs in fp32 under bf16 autocast
+            if c.reconstruction == "none":  # ablation: mask each LoRA factor's per-domain gradients directly
+                factors = lora_factor_grads(G, None, A, B, s, "none")
+                return tuple(self._mask(grads, stats) for grads in factors)
+            g = self._mask(reconstruct(G, A, B, s, c.reconstruction), stats)
+            grad_A, grad_B, residual = project_to_lora(g, A, B, s, A.shape[0], c.projection, generator, c.oversample,
+                                                       return_residual=True)
+            if residual is not None:
+                stats.residuals.append(residual)
+            return grad_A, grad_B
+
+    def _mask(self, grads: Tensor, stats: _MaskStats) -> Tensor:
+        """ḡ ⊙ M for per-domain gradients (N, ...): M = exp(−τ·V̂), or the unanimous-sign AND-mask (ablation)."""
+        c = self.config
+        if c.mask == "exp":
+            mean, mask, vhat = conflict_mask(grads, c.tau, c.mask_normalize, return_variance=True)
+        else:
+            mean, vhat = normalized_variance(grads, c.mask_normalize)
+            mask = combine.agreement_mask(grads, 1.0)
+        stats.add(mask, vhat)
+        return mean * mask
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        n = batch.n_domains
+        stats, grads = _MaskStats(), {}
+        # Autograd fills the LoRA .grad too; IGA's gradient replaces that part.
+        stash = _stash_lora_grads(self.layers)
+
+        def combine(layer: LoraLayer, G: Tensor) -> None:
+            grads[layer.name] = self._combine(layer, G, batch.seed, stats)
+
+        if self.config.passes == "one":
+            with per_domain_gradients(self.layers, n, combine):
+                per_domain = domain_means(*token_losses(self.model, batch), n)
+                per_domain.mean().backward()
+        else:  # the paper's way: one forward+backward per domain, every module's N buffers held at once
+            collected: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
+            losses = []
+            rows = batch.input_ids.shape[0] // n
+            for d in range(n):
+                part = slice(d * rows, (d + 1) * rows)
+                sub = Batch(batch.input_ids[part], batch.attention_mask[part], batch.labels[part], 1, batch.seed)
+                with per_domain_gradients(self.layers, 1, lambda layer, G: collected[layer.name].append(G[0])):
+                    loss = domain_means(*token_losses(self.model, sub), 1)[0]
+                    loss.backward()
+                losses.append(loss.detach())
+            for layer in self.layers:
+                combine(layer, torch.stack(collected.pop(layer.name)))
+            per_domain = torch.stack(losses)
+        _add_lora_grads({param: new for layer in self.layers for param, new in zip((layer.A, layer.B), grads[layer.name])},
+                        stash)
+        return {"loss": per_domain.mean().item(), **self._domain_metrics(per_domain), **stats.metrics()}
+
+
+METHODS: dict[str, type[Method]] = {"erm": ERM, "iga": IGA, "irm": Penalty, "vrex": Penalty, "pcgrad": GradientRule,
+                                    "and_mask": GradientRule, "sand_mask": GradientRule, "pareto_gs": GradientRule}
+
+
+def build_method(config: MethodConfig, model: nn.Module, domains: tuple[str, ...]) -> Method:
+    return METHODS[config.kind](model, config, domains)
