@@ -60,8 +60,8 @@ STAGES: dict[str, Stage] = {
     # models' per-problem scores comparable (the same held-out rows, settings and base model).
     "train-run": Stage(("iga.train.loop", "iga.train.methods", "iga.train.student"),
                        (f"methods.{ITEM}", "domains.train", "student", "lora", "train"), exclude=_TRAIN_EXCLUDE),
-    "experiment-run": Stage(("iga.train.loop", "iga.train.methods", "iga.train.student", "iga.experiment.variants",
-                             "iga.eval.evaluate"),
+    "experiment-run": Stage(("iga.data.split", "iga.train.loop", "iga.train.methods", "iga.train.student",
+                             "iga.experiment.variants", "iga.eval.evaluate"),  # split: the instance-level ablation
                             (f"experiment.runs.{ITEM}", "domains", "split", "student", "lora", "train",
                              "eval.dtype", "eval.batch_size", "eval.nll_batch_size", "experiment.eval_groups",
                              "experiment.max_new_tokens", "experiment.steps"),
