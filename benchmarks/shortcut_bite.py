@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iga.data.domains import DOMAINS  # noqa: E402
-from iga.eval.evaluate import evaluate_student  # noqa: E402
+from iga.eval.evaluate import evaluate_student, for_evaluation  # noqa: E402
 from iga.eval.scores import compare, estimate  # noqa: E402
-from iga.hardware import describe, resolve_device, resolve_precision  # noqa: E402
+from iga.hardware import describe, resolve_device  # noqa: E402
 from iga.io import read_jsonl  # noqa: E402
 from iga.params import load_params  # noqa: E402
 from iga.train.student import load_trained  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(params.eval.threads)
     device = resolve_device(params.train.device)
     model, tokenizer = load_trained("models/base", f"models/{args.method}/adapter", params.student.dtype)
-    model = model.merge_and_unload().to(device, getattr(torch, resolve_precision(params.eval.dtype, device)))
+    model = for_evaluation(model, params.eval.dtype, device)
     ood = read_jsonl("data/split/ood.jsonl")
     ood = ood[: args.rows] if args.rows else ood
     hinted = sum(r["problem"] != v["problem"] for r, v in zip(ood, variants(ood)["hint removed"]))
