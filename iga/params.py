@@ -24,6 +24,7 @@ PARAMS_FILE = Path("params.yaml")
 # iga.eval.external, which take their tuples from these; a typo fails at load.
 Family = Literal["arithmetic", "implication", "comparison"]
 Benchmark = Literal["gsm8k", "math_id", "math_ood"]
+Style = Literal["plain", "terse", "verbose", "reordered", "restated"]  # how the procedural teacher writes a CoT
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class TeacherParams:
     flaw_rate: float  # procedural: mean probability that an attempt has a mistake
     shortcut_rate: float  # procedural: P(a yes/no question ends with its domain's hint at its answer)
     ood_cue: Literal["none", "reversed"]  # procedural: held-out domains carry no hint, or a hint at the wrong answer
+    style: Style  # procedural: how each instance's CoT is written
+    samples: int  # candidate CoTs per training instance for the select stage, the instance's own first
     chunk_size: int  # seeds (or regeneration requests) per Prefect task
     task_retries: int  # Prefect retries of a chunk that crashed
     mode: Literal["online", "batch"]  # openai: concurrent calls, or the Batch API (half price, hours)
@@ -101,6 +104,14 @@ class SplitParams:
     unit: Literal["seed", "instance"]  # instance: the paper's leakage ablation only
     test_fraction: float
     seed: int
+
+
+@dataclass(frozen=True)
+class SelectParams:
+    strategy: Literal["first", "rsr", "nll", "random"]  # which candidate CoT each training instance keeps
+    seed: int  # strategy random
+    batch_size: int  # sequences per scoring forward pass
+    rank_clip: int  # RSR: a token's rank is clipped here (the paper: 100)
 
 
 @dataclass(frozen=True)
@@ -192,8 +203,22 @@ class ParetoGSConfig:
     kind: Literal["pareto_gs"]
 
 
+@dataclass(frozen=True)
+class VCDConfig:
+    """Validity-calibrated distillation (iga/train/vcd.py): the loss on each teacher line is weighted by
+    w = clip(1 + beta (v_teacher - v_student), w_min, w_max), v the verified validity of the line and of
+    the student's own greedy line under the same prefix."""
+    kind: Literal["vcd"]
+    beta: float  # 0: ERM exactly
+    w_min: float
+    w_max: float
+    refresh: int  # steps a row's student proposals are reused before they are generated again
+    max_line_tokens: int  # greedy decoding budget of one proposed line
+
+
 GradientRuleConfig = PCGradConfig | AndMaskConfig | SandMaskConfig | ParetoGSConfig
-MethodConfig = ERMConfig | IGAConfig | PenaltyConfig | PCGradConfig | AndMaskConfig | SandMaskConfig | ParetoGSConfig
+MethodConfig = (ERMConfig | IGAConfig | PenaltyConfig | PCGradConfig | AndMaskConfig | SandMaskConfig | ParetoGSConfig
+                | VCDConfig)
 
 
 @dataclass(frozen=True)
@@ -215,6 +240,22 @@ class ExperimentParams:
     table1: tuple[str, ...]  # keys of runs: the methods table
     table2: tuple[str, ...]  # keys of runs: the ablations, each against full IGA
     runs: dict[str, RunConfig]
+
+
+@dataclass(frozen=True)
+class TeacherVariant:
+    """A named procedural teacher for flows.rank_teachers: `teacher` with these two keys changed."""
+    style: Style
+    flaw_rate: float
+
+
+@dataclass(frozen=True)
+class RankTeachersParams:
+    teachers: dict[str, TeacherVariant]
+    groups: int  # training isomer groups each teacher writes, scored and (correlation experiment) trained on
+    seeds: tuple[int, ...]  # correlation experiment: train.seed of the ERM runs on each teacher's data
+    steps: int  # correlation experiment: optimizer steps per run
+    eval_groups: int  # correlation experiment: held-out test seeds (x 4 ID + x 2 OOD problems) each student answers
 
 
 @dataclass(frozen=True)
@@ -255,12 +296,14 @@ class Params:
     teacher: TeacherParams
     gate: GateParams
     split: SplitParams
+    select: SelectParams
     student: StudentParams
     lora: LoraParams
     train: TrainParams
     methods: dict[str, MethodConfig]  # named configurations, e.g. iga and iga-paper
     eval: EvalParams
     experiment: ExperimentParams
+    rank_teachers: RankTeachersParams
     registry: RegistryParams
     schedule: ScheduleParams
 
@@ -345,6 +388,7 @@ def _validate(p: Params) -> None:
     _check(len(set(p.domains.all)) == len(p.domains.all), "domains", "must not list a domain twice", p.domains.all)
     _check(0.0 <= t.flaw_rate < 1.0, "teacher.flaw_rate", "must be in [0, 1)", t.flaw_rate)
     _check(0.0 <= t.shortcut_rate <= 1.0, "teacher.shortcut_rate", "must be in [0, 1]", t.shortcut_rate)
+    _check(t.samples >= 1, "teacher.samples", "must be >= 1", t.samples)
     _check(t.chunk_size >= 1, "teacher.chunk_size", "must be >= 1", t.chunk_size)
     _check(t.task_retries >= 0, "teacher.task_retries", "must be >= 0", t.task_retries)
     _check(0.0 <= t.openai.temperature <= 2.0, "teacher.openai.temperature", "must be in [0, 2]", t.openai.temperature)
@@ -371,6 +415,10 @@ def _validate(p: Params) -> None:
     _check(g.max_attempts >= 1, "gate.max_attempts", "must be >= 1", g.max_attempts)
     _check(0.0 <= g.min_kept_fraction <= 1.0, "gate.min_kept_fraction", "must be in [0, 1]", g.min_kept_fraction)
     _check(0.0 < sp.test_fraction < 1.0, "split.test_fraction", "must be in (0, 1)", sp.test_fraction)
+    _check(p.select.batch_size >= 1, "select.batch_size", "must be >= 1", p.select.batch_size)
+    _check(p.select.rank_clip >= 1, "select.rank_clip", "must be >= 1", p.select.rank_clip)
+    _check(p.select.strategy == "first" or t.samples > 1, "select.strategy", "needs teacher.samples > 1 (with one "
+           "candidate per instance every strategy keeps it)", p.select.strategy)
     lo, tr = p.lora, p.train
     _check(lo.r >= 1, "lora.r", "must be >= 1", lo.r)
     _check(lo.alpha > 0, "lora.alpha", "must be > 0", lo.alpha)
@@ -394,6 +442,12 @@ def _validate(p: Params) -> None:
         if isinstance(cfg, SandMaskConfig):
             _check(0 < cfg.tau < 1, f"methods.{name}.tau", "must be in (0, 1) (at 1 the SAND-mask is all zero)", cfg.tau)
             _check(cfg.k > 0, f"methods.{name}.k", "must be > 0", cfg.k)
+        if isinstance(cfg, VCDConfig):
+            _check(0 <= cfg.w_min <= 1 <= cfg.w_max, f"methods.{name}.w_min/w_max", "must satisfy 0 <= w_min <= 1 <= "
+                   "w_max (w = 1 where the teacher and the student are equally valid)", (cfg.w_min, cfg.w_max))
+            _check(cfg.beta >= 0, f"methods.{name}.beta", "must be >= 0", cfg.beta)
+            for key in ("refresh", "max_line_tokens"):
+                _check(getattr(cfg, key) >= 1, f"methods.{name}.{key}", "must be >= 1", getattr(cfg, key))
         if isinstance(cfg, GradientRuleConfig):
             _check(lo.dropout == 0, "lora.dropout", f"must be 0 for method {name} (per-domain gradients)", lo.dropout)
     for key in ("steps", "groups_per_batch", "grad_accum", "max_length", "threads", "checkpoint_every"):
@@ -408,6 +462,11 @@ def _validate(p: Params) -> None:
     for name, ext in ev.external.items():
         _check(ext.limit >= 0, f"eval.external.{name}.limit", "must be >= 0", ext.limit)
     _validate_experiment(p)
+    rt = p.rank_teachers
+    for name, v in rt.teachers.items():
+        _check(0.0 <= v.flaw_rate < 1.0, f"rank_teachers.teachers.{name}.flaw_rate", "must be in [0, 1)", v.flaw_rate)
+    for key in ("groups", "steps", "eval_groups"):
+        _check(getattr(rt, key) >= 1, f"rank_teachers.{key}", "must be >= 1", getattr(rt, key))
     rg = p.registry
     _check(bool(rg.model_name.strip()), "registry.model_name", "must not be empty", rg.model_name)
     _check(0 < rg.alpha < 1, "registry.alpha", "must be in (0, 1)", rg.alpha)

@@ -48,9 +48,11 @@ STAGES: dict[str, Stage] = {
     "isomers": Stage(("flows.isomers",), ("domains", "teacher"), files=("iga/data/teacher/prompts",)),
     "gate": Stage(("flows.gate",), ("gate", "domains", "teacher"), files=("iga/data/teacher/prompts",)),
     "split": Stage(("flows.split",), ("split", "domains")),
+    "select": Stage(("flows.select",), ("select", "teacher", "gate.min_alignment", "gate.max_step_diff",
+                                        "student.dtype", "train.device"), files=("iga/data/teacher/prompts",)),
     "student": Stage(("flows.student",), ("student.base",)),
     "train": Stage(("flows.train",), (f"methods.{ITEM}", "domains.train", "student.dtype", "lora", "train"),
-                   exclude=_TRAIN_EXCLUDE),
+                   exclude=_TRAIN_EXCLUDE, files=("iga/data/teacher/prompts",)),  # VCD's openai step verifier
     "evaluate": Stage(("flows.evaluate",), ("eval", "domains", "student.dtype", "train.device"),
                       exclude=("eval.threads",), after=("train",)),
     "experiment": Stage(("flows.experiment",), ("experiment", "methods", "domains", "split", "student", "lora", "train",
@@ -58,10 +60,11 @@ STAGES: dict[str, Stage] = {
                         exclude=_TRAIN_EXCLUDE),
     # Not DVC stages: what a checkpoint and a finished experiment run must match, and what makes two
     # models' per-problem scores comparable (the same held-out rows, settings and base model).
-    "train-run": Stage(("iga.train.loop", "iga.train.methods", "iga.train.student"),
+    "train-run": Stage(("iga.train.loop", "iga.train.methods", "iga.train.student", "iga.data.verify"),
                        (f"methods.{ITEM}", "domains.train", "student", "lora", "train"), exclude=_TRAIN_EXCLUDE),
-    "experiment-run": Stage(("iga.data.split", "iga.train.loop", "iga.train.methods", "iga.train.student",
-                             "iga.experiment.variants", "iga.eval.evaluate"),  # split: the instance-level ablation
+    "experiment-run": Stage(("iga.data.split", "iga.data.verify", "iga.train.loop", "iga.train.methods",
+                             "iga.train.student", "iga.experiment.variants", "iga.eval.evaluate"),
+                            # split: the instance-level ablation; verify: VCD's step verifier
                             (f"experiment.runs.{ITEM}", "domains", "split", "student", "lora", "train",
                              "eval.dtype", "eval.batch_size", "eval.nll_batch_size", "experiment.eval_groups",
                              "experiment.max_new_tokens", "experiment.steps"),

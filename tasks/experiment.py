@@ -21,6 +21,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from iga.data.split import split
+from iga.data.teacher import make_teacher
+from iga.data.verify import make_verifier
 from iga.errors import DataError
 from iga.eval.evaluate import evaluate_student, for_evaluation
 from iga.eval.scores import summarize
@@ -38,7 +40,7 @@ from iga.train.methods import build_method
 from iga.train.sft import batcher, collate, encode_groups
 from iga.train.student import load_student
 from tasks import tracking
-from tasks.paths import (ACCEPTED, BASE_MODEL, EXPERIMENT, EXPERIMENT_REPORT, OOD, TABLES, TEST, TRAIN,
+from tasks.paths import (ACCEPTED, BASE_MODEL, EXPERIMENT, EXPERIMENT_REPORT, OOD, SEEDS, TABLES, TEST, TRAIN,
                          experiment_checkpoints, experiment_result)
 
 PARENT = EXPERIMENT / "parent.json"
@@ -115,7 +117,7 @@ def run_one(params: Params, name: str, seed: int, parent_run_id: str) -> dict[st
         raise DataError(f"{source}: run {name} has no training unit within train.max_length = {tp.max_length}")
     per_batch = tp.groups_per_batch * len(params.domains.train) // len(encoded[0])  # same sequences for every run
     micro_batches = batcher(encoded, tp, per_batch, tokenizer.pad_token_id)
-    method = build_method(params.methods[run.method], model, domains)
+    method = _build(params, run.method, model, tokenizer, domains)
     n_trainable = sum(p.numel() for p in trainable(model).values())
     mlflow = tracking.mlflow_module()
     t0 = time.perf_counter()
@@ -155,6 +157,14 @@ def run_one(params: Params, name: str, seed: int, parent_run_id: str) -> dict[st
     return result
 
 
+def _build(params: Params, name: str, model: Any, tokenizer: Any, domains: tuple[str, ...]) -> Any:
+    """The method `name`; VCD also verifies lines against the seeds' programs (or the teacher)."""
+    verifier = None
+    if params.methods[name].kind == "vcd":
+        verifier = make_verifier(params, read_jsonl(SEEDS), make_teacher(params))
+    return build_method(params.methods[name], model, domains, tokenizer, verifier)
+
+
 def _cost_of(params: Params, method_name: str) -> dict[str, Any]:
     """In a fresh process: a method's step time on the first isomer batch (iga.experiment.cost), the
     median of experiment.cost_steps after a warm-up step, and its peak memory during one step."""
@@ -167,7 +177,7 @@ def _cost_of(params: Params, method_name: str) -> dict[str, Any]:
     units = train_units(rows, params.experiment.runs["erm"], params.domains.train, tp.seed, str(TRAIN))
     encoded, _ = encode_groups(tokenizer, units, tp.max_length)
     batch = collate(encoded[:tp.groups_per_batch], tokenizer.pad_token_id, seed=0).to(device)
-    method = build_method(params.methods[method_name], model, params.domains.train)
+    method = _build(params, method_name, model, tokenizer, params.domains.train)
     times = [step_time(method, batch, device) for _ in range(ex.cost_steps + 1)][1:]  # the first is a warm-up
     peak, extra = step_memory(method, batch, device)
     return {"method": method_name, "step_time_s": statistics.median(times), "step_times_s": times,

@@ -15,6 +15,10 @@ GATE_DOCS = Path("data/gate/docs")
 TRAIN = Path("data/split/train.jsonl")
 TEST = Path("data/split/test.jsonl")
 OOD = Path("data/split/ood.jsonl")
+SELECTED = Path("data/select/train.jsonl")  # the training rows, each with the CoT the select stage kept: training reads it
+CANDIDATES = Path("data/select/candidates.jsonl")  # every candidate CoT of every training instance, scored
+SELECT_LEDGER = Path("data/select/ledger.jsonl")
+SELECT_METRICS = Path("metrics/select.json")
 GATE_METRICS = Path("metrics/gate.json")
 SPLIT_METRICS = Path("metrics/split.json")
 BASE_MODEL = Path("models/base")
@@ -74,3 +78,8 @@ def experiment_result(run: str, seed: int) -> Path:
 
 def experiment_checkpoints(run: str, seed: int) -> Path:
     return EXPERIMENT / "runs" / run / f"seed{seed}.checkpoints"
+
+
+TEACHER_RANKING = REPORTS / "teachers.md"  # `flows.rank_teachers`: named teachers by dataset RSR under the student
+RSR_CORRELATION = REPORTS / "rsr_correlation.md"  # `flows.rsr_experiment`: RSR against the students they teach
+RSR_RESULTS = EXPERIMENT / "rsr" / "results.json"

@@ -42,9 +42,9 @@ def read_seeds() -> list[Row]:
 
 
 @task(cache_policy=NO_CACHE)
-def open_teacher(params: Params, earlier_ledger: Path | None = None) -> Teacher:
-    """The stage's teacher; the spending an earlier teacher stage recorded counts against the budget."""
-    spent = (totals(read_jsonl(earlier_ledger))["cost_usd"] or 0.0) if earlier_ledger else 0.0
+def open_teacher(params: Params, *earlier_ledgers: Path) -> Teacher:
+    """The stage's teacher; the spending earlier teacher stages recorded counts against the budget."""
+    spent = sum(totals(read_jsonl(path))["cost_usd"] or 0.0 for path in earlier_ledgers)
     return make_teacher(params, spent_usd=spent)
 
 
@@ -67,6 +67,14 @@ def reextract_chunk(requests: list[tuple[Row, int]], teacher: Teacher) -> list[R
 def regenerate_chunk(requests: list[tuple[Row, Row, str, int]], teacher: Teacher) -> list[Row]:
     """New attempts for rejected instances: (seed, extraction, domain, attempt) each."""
     return teacher.map(lambda request: teacher.isomer(*request), requests)
+
+
+@chunk_task
+def sample_chunk(jobs: list[tuple[Row, Row]], teacher: Teacher, k: int) -> list[list[Row]]:
+    """k candidate CoTs of each training instance, (seed, row) each: its own, then k - 1 samples."""
+    calls = [(seed, row, j) for seed, row in jobs for j in range(k)]
+    candidates = teacher.map(lambda call: teacher.sample(*call), calls)
+    return [candidates[i:i + k] for i in range(0, len(candidates), k)]
 
 
 @task(cache_policy=NO_CACHE)

@@ -9,6 +9,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
+from iga.data.teacher import make_teacher
+from iga.data.verify import make_verifier
 from iga.errors import DataError
 from iga.hardware import describe, resolve_device, resolve_precision
 from iga.io import atomic_dir, read_jsonl, write_json, write_jsonl
@@ -17,9 +19,9 @@ from iga.stages import fingerprint
 from iga.train.loop import resume_point, summarize, train, trainable
 from iga.train.methods import build_method
 from iga.train.sft import batcher, encode_groups, isomer_groups
-from iga.train.student import load_student
+from iga.train.student import load_student, save_adapter
 from tasks import tracking
-from tasks.paths import BASE_MODEL, TRAIN, adapter_dir, checkpoint_dir, history_file, train_metrics
+from tasks.paths import BASE_MODEL, SEEDS, SELECTED, adapter_dir, checkpoint_dir, history_file, train_metrics
 
 
 @task(cache_policy=NO_CACHE)
@@ -31,12 +33,15 @@ def train_method(params: Params, method: str) -> dict[str, Any]:
     device = resolve_device(tp.device)
     model, tokenizer = load_student(BASE_MODEL, params.lora, params.student.dtype, seed=tp.seed)
     model.to(device)
-    groups, too_long = encode_groups(tokenizer, isomer_groups(read_jsonl(TRAIN), params.domains.train, str(TRAIN)),
+    groups, too_long = encode_groups(tokenizer, isomer_groups(read_jsonl(SELECTED), params.domains.train, str(SELECTED)),
                                      tp.max_length)
     if not groups:
-        raise DataError(f"{TRAIN}: no isomer group fits in train.max_length = {tp.max_length} tokens")
+        raise DataError(f"{SELECTED}: no isomer group fits in train.max_length = {tp.max_length} tokens")
     micro_batches = batcher(groups, tp, tp.groups_per_batch, tokenizer.pad_token_id)
-    data_md5 = tracking.data_hash(TRAIN)
+    verifier = None
+    if params.methods[method].kind == "vcd":  # it verifies each line against the seed's program (or the teacher)
+        verifier = make_verifier(params, read_jsonl(SEEDS), make_teacher(params))
+    data_md5 = tracking.data_hash(SELECTED)
     key = fingerprint("train-run", params, method, data=data_md5)
     ckpt = checkpoint_dir(method)
     mlflow = tracking.mlflow_module()
@@ -65,11 +70,11 @@ def train_method(params: Params, method: str) -> dict[str, Any]:
                          record["step_time_s"])
 
         with tqdm(total=tp.steps, initial=start, desc=f"{method}: training", unit="step") as bar:
-            history = train(model, build_method(params.methods[method], model, params.domains.train), micro_batches,
+            method_impl = build_method(params.methods[method], model, params.domains.train, tokenizer, verifier)
+            history = train(model, method_impl, micro_batches,
                             tp, ckpt, key, device, on_step=on_step, extra_state={"mlflow_run_id": run.info.run_id})
         with atomic_dir(adapter_dir(method)) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_adapter(model, tokenizer, tmp)
         write_jsonl(history_file(method), history)
         summary = summarize(method, history, {"groups_train": len(groups), "groups_too_long": too_long,
                                               "trainable_parameters": n_trainable, "device": describe(device),

@@ -46,10 +46,14 @@ INSTANCE = {"problem": "A patient takes 3 mg of a drug and then 4 mg more. What 
             "cot_solution": "Step 1: 3 + 4 = 7\nAnswer: 7", "answer": "7", "alignment_score": 0.9}
 VERIFY = {"alignment_score": 0.93, "verdict": "PASS", "issues": ""}
 ANNOTATE = {"cot_solution": "Step 1: 3 + 4 = 7\nAnswer: 7", "answer": "7"}
-VALID = {"extract": DAG, "instantiate": INSTANCE, "verify": VERIFY, "annotate": ANNOTATE}
+SOLVE = {"cot_solution": "Step 1: 3 + 4 = 7\nAnswer: 7", "answer": "7"}
+VERIFY_STEP = {"validity": 0.75, "reason": "follows from the problem"}
+VALID = {"extract": DAG, "instantiate": INSTANCE, "verify": VERIFY, "annotate": ANNOTATE, "solve": SOLVE,
+         "verify_step": VERIFY_STEP}
 # Valid JSON, but each misses required fields of its schema.
 MISMATCH = {"extract": {"nodes": []}, "instantiate": {"problem": "only a problem"},
-            "verify": {"alignment_score": 0.5}, "annotate": {"answer": "7"}}
+            "verify": {"alignment_score": 0.5}, "annotate": {"answer": "7"}, "solve": {"answer": "7"},
+            "verify_step": {"reason": "no validity"}}
 USAGE = {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150}
 # What a fault can be; "malformed" and "truncated" are billed 200s, the others are not.
 FAULTS = ("429", "500", "timeout", "malformed", "truncated")

@@ -36,8 +36,8 @@ def test_dvc_repro(prefect_api_url, tmp_path):
     _sh(dvc + ["init", "-q"], repo, env)
 
     out = _sh([sys.executable, "-m", "flows.lifecycle"], repo, env)
-    assert _ran(out) == ["seeds", "isomers", "gate", "split", "student", "train@erm", "train@iga", "evaluate@erm",
-                         "evaluate@iga"]
+    assert _ran(out) == ["seeds", "isomers", "gate", "split", "student", "select", "train@erm", "train@iga",
+                         "evaluate@erm", "evaluate@iga"]
     assert "| Method |" in out and "models:/iga-student@champion" in out and "reports/summary.md" in out
     assert (repo / "dvc.lock").is_file() and (repo / "data/split/train.jsonl").is_file()
     assert (repo / "models/iga/adapter/adapter_model.safetensors").is_file()
@@ -49,8 +49,8 @@ def test_dvc_repro(prefect_api_url, tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["gate"]["min_alignment"] = 0.6  # low enough to let some flawed instances through
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_sh(dvc + ["repro", "evaluate"], repo, env)) == ["gate", "split", "train@erm", "train@iga", "evaluate@erm",
-                                                     "evaluate@iga"]
+    assert _ran(_sh(dvc + ["repro", "evaluate"], repo, env)) == ["gate", "split", "select", "train@erm", "train@iga",
+                                                                 "evaluate@erm", "evaluate@iga"]
     metrics = _sh(dvc + ["metrics", "show", "--json"], repo, env)
     for key in ("kept_fraction", "seeds_in_both_sides", "loss_last_quarter", "ood_accuracy", "delta_gap"):
         assert key in metrics

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fault_server import ANNOTATE, DAG, INSTANCE, VERIFY, FaultServer
+from fault_server import ANNOTATE, DAG, INSTANCE, VERIFY, FaultServer, schema_name
 from iga.data.dag import LogicalDAG
 from iga.data.teacher import make_teacher
 from iga.data.teacher.openai_teacher import SCHEMAS, OpenAITeacher
@@ -503,3 +503,81 @@ def test_data_flow_with_openai_teacher(server, prefect_api_url, tmp_path, monkey
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert SENTINEL_KEY.encode() not in path.read_bytes(), path
+
+
+# ---------------------------------------------------------------------- candidate CoTs and step validity
+
+
+def _solve_per_sample(name: str, body: dict[str, Any]) -> Any:
+    """A responder whose solve answers differ per sample (the request's sampling seed), so their verifications do too."""
+    from fault_server import VALID
+
+    if name == "solve":
+        return {"cot_solution": f"Step 1: 3 + 4 = 7 (sample {body['seed']})\nAnswer: 7", "answer": "7"}
+    return VALID[name]
+
+
+def test_candidate_samples_are_distinct_calls_made_together_and_cached(server, params):
+    k = 4
+    teacher = make_teacher(params)
+    ext = ok_extraction(teacher, server)
+    row = isomer(teacher, ext, "medical")
+    dag = LogicalDAG.from_dict(ext["dag"], "extraction")
+    server.state.requests.clear()
+    server.state.responder = _solve_per_sample
+    fetched, fetch = [], teacher.engine.fetch
+    teacher.engine.fetch = lambda calls: (fetched.append([c.kind for c in calls]), fetch(calls))[1]
+    paid_before = len([r for r in teacher.ledger() if not r["cache_hit"]])
+    cands = teacher.map(lambda j: teacher.sample(SEED, row, j, dag), list(range(k)))
+    teacher.close()
+
+    assert cands[0] == {"sample": 0, "style": "sampled", "flaw": None, "cot_solution": row["cot_solution"],
+                        "answer": row["answer"], "alignment_score": row["alignment_score"],
+                        "step_count": row["step_count"], "error": None}
+    assert [c["sample"] for c in cands] == list(range(k))
+    assert all(c["error"] is None and c["style"] == "sampled" and c["answer"] == "7" and c["step_count"] == 1
+               and c["alignment_score"] == pytest.approx(VERIFY["alignment_score"]) for c in cands[1:])
+    assert len({c["cot_solution"] for c in cands}) == k  # the row's own and k - 1 new samples
+    assert fetched == [["solve"] * (k - 1), ["verify"] * (k - 1)]  # each round's calls fetched together
+    solve_bodies = [r["body"] for r in server.state.requests if schema_name(r["body"]) == "solve"]
+    assert len(solve_bodies) == k - 1 and len({b["seed"] for b in solve_bodies}) == k - 1
+    assert row["problem"] in solve_bodies[0]["messages"][1]["content"]
+    paid = [r for r in teacher.ledger() if not r["cache_hit"]][paid_before:]
+    assert sorted(r["kind"] for r in paid) == ["solve"] * (k - 1) + ["verify"] * (k - 1)
+    assert len({r["key"] for r in paid}) == 2 * (k - 1)
+
+    again = make_teacher(params)  # a re-run: every candidate from the cache, nothing paid
+    n_paid = sum(server.state.paid.values())
+    assert again.map(lambda j: again.sample(SEED, row, j, dag), list(range(k))) == cands
+    again.close()
+    assert sum(server.state.paid.values()) == n_paid
+    assert again.ledger() and all(r["cache_hit"] for r in again.ledger())
+
+
+def test_a_failed_candidate_is_an_error_not_a_crash(server, teacher):
+    ext = ok_extraction(teacher, server)
+    row = isomer(teacher, ext, "legal")
+    server.state.modes = {"solve": "bad_json"}
+    c = teacher.map(lambda j: teacher.sample(SEED, row, j, LogicalDAG.from_dict(ext["dag"], "x")), [1])[0]
+    assert c["sample"] == 1 and c["cot_solution"] is None and "invalid JSON" in c["error"]
+    c = teacher.map(lambda j: teacher.sample(SEED, row, j), [2])[0]  # this seed has no DAG of its own
+    assert "no DAG" in c["error"]
+
+
+def test_verify_step_returns_the_servers_validity_per_line(server, teacher):
+    def respond(name: str, body: dict[str, Any]) -> Any:
+        user = body["messages"][1]["content"]
+        return {"validity": 0.0 if "= 8" in user.split("Proposed next line:")[1] else 0.75, "reason": "checked"}
+
+    server.state.responder = respond
+    row = {"problem": INSTANCE["problem"], "domain": "medical"}
+    good, bad = "Step 1: 3 + 4 = 7 mg.", "Step 1: 3 + 4 = 8 mg."
+    assert teacher.map(lambda line: teacher.verify_step(SEED, row, [], line), [bad, good]) == [0.0, 0.75]
+    assert teacher.map(lambda line: teacher.verify_step(SEED, row, [good], line), ["Answer: 7"]) == [0.75]
+    asked = [r["body"]["messages"][1]["content"] for r in server.state.requests]
+    assert server.state.names() == ["verify_step"] * 3
+    assert all(INSTANCE["problem"] in a for a in asked) and good in asked[2] and "Answer: 7" in asked[2]
+    assert teacher.verify_step(SEED, row, [], bad) == 0.0  # from the cache: no Pending outside map
+    assert len(server.state.requests) == 3
+    ledger = teacher.ledger()  # one record per cache key: a line and its prefix make the key
+    assert len(ledger) == 3 and all(r["kind"] == "verify_step" and not r["cache_hit"] for r in ledger)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import isomer_rows, write_params
 from iga.io import write_jsonl
-from tasks.paths import TRAIN, adapter_dir, checkpoint_dir, history_file, train_metrics
+from tasks.paths import SELECTED, adapter_dir, checkpoint_dir, history_file, train_metrics
 
 IGA_METRICS = {"loss", "lr", "step_time_s", "mask_mean", "mask_frac_below_half", "vhat_mean", "proj_residual",
                "loss/mathematics", "loss/science"}
@@ -23,7 +23,7 @@ IGA_METRICS = {"loss", "lr", "step_time_s", "mask_mean", "mask_frac_below_half",
 def trainable_dir(prefect_api_url, workdir):
     from flows.student import student_flow
 
-    write_jsonl(TRAIN, isomer_rows(10))
+    write_jsonl(SELECTED, isomer_rows(10))  # what the select stage hands to training
     student_flow("params.yaml")
     return workdir
 

@@ -36,6 +36,15 @@ def student(tiny_base, nonzero_b=True, seed=0):
     return model, tokenizer
 
 
+def verifier():
+    from iga.data.seeds import procedural_seeds
+    from iga.data.teacher import make_teacher
+    from iga.data.verify import make_verifier
+
+    params = load_params(ROOT / "params.yaml", overrides={"seeds.n": 12, "teacher.flaw_rate": 0.0})  # isomer_rows'
+    return make_verifier(params, procedural_seeds(params.seeds), make_teacher(params))
+
+
 def batches(tokenizer, rows, k=2):
     groups, too_long = encode_groups(tokenizer, isomer_groups(rows, DOMAINS, "rows"), 1024)
     assert too_long == 0
@@ -155,7 +164,7 @@ def test_every_method_trains_lora_and_nothing_else(tiny_base, rows, tmp_path, na
     model, tokenizer = student(tiny_base, nonzero_b=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tp = dataclasses.replace(P.train, steps=3, lr=1e-2, checkpoint_every=10)
-    method = build_method(CONFIGS[name], model, DOMAINS)
+    method = build_method(CONFIGS[name], model, DOMAINS, tokenizer, verifier())  # VCD reads and verifies lines
     history = train(model, method, lambda s: [batches(tokenizer, rows)(s)], tp, tmp_path, "fp", torch.device("cpu"))
     assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
     for n, p in model.named_parameters():

@@ -213,13 +213,81 @@ def _tidy(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
+class _Line(typing.NamedTuple):
+    """What a CoT line of one written step can say; a style picks its words from these."""
+    i: int  # the step's number as written
+    plain: str  # the domain's own line (style plain)
+    calc: str  # the bare computation: "88 + 22 = 110", "therefore c", "a cmp c"
+    inputs: str  # the step's inputs with their values or truth: "x = 88 and y = 22"
+    claim: str  # what the step concludes, in generic English: "z = 88 + 22 = 110"
+    goal: bool  # the step concludes what the question asks
+    family: str
+
+
+def _verbose(ln: _Line) -> str:
+    if ln.goal:
+        why = "This is the quantity the question asks for." if ln.family == "arithmetic" else \
+            "This is what the question asks about."
+    else:
+        why = "We will use this below."
+    return f"{ln.plain} {why}"
+
+
+# How each style writes a step's line (one line per step, always "Step i: ..."), and which order it
+# writes the steps in: a new style is an entry here (and in iga.params.Style).
+STYLE_LINES: dict[str, typing.Callable[[_Line], str]] = {
+    "plain": lambda ln: ln.plain,
+    "terse": lambda ln: f"Step {ln.i}: {ln.calc}.",
+    "verbose": _verbose,
+    "reordered": lambda ln: ln.plain,
+    "restated": lambda ln: f"Step {ln.i}: we have {ln.inputs}, so {ln.claim}.",
+}
+
+
+def topological_order(steps: list[Step], program: Program, rng: random.Random) -> list[Step]:
+    """A seeded topological order of the written `steps` (a step depends on the steps whose outputs are its
+    args, through the program's steps that are not written), other than the given one where the dependencies
+    allow another; else the given one."""
+    through: dict[str, set[str]] = {}  # a step not written -> the nodes it stands on
+    for s in program.steps:
+        if s.out in program.hidden:
+            through[s.out] = {x for a in s.args for x in through.get(a, {a})}
+    outs = {s.out for s in steps}
+    deps = {s.out: {x for a in s.args for x in through.get(a, {a}) if x in outs} for s in steps}
+    pos = {s.out: k for k, s in enumerate(steps)}
+
+    def order(deviate: bool) -> list[Step]:
+        done: list[Step] = []
+        while len(done) < len(steps):
+            placed = {d.out for d in done}
+            ready = [s for s in steps if s.out not in placed and deps[s.out] <= placed]
+            if deviate and len(ready) > 1:  # leave the given order at its first point of choice
+                ready = [s for s in ready if pos[s.out] != min(pos[r.out] for r in ready)]
+                deviate = False
+            done.append(rng.choice(ready))
+        return done
+
+    out = order(False)
+    return order(True) if out == steps else out
+
+
+STEP_ORDERS: dict[str, typing.Callable[[list[Step], Program, random.Random], list[Step]]] = {
+    "reordered": topological_order,
+}
+
+
 def render(program: Program, templates: dict[str, str], unit: str, names: dict[str, str],
-           rng: random.Random, extra: tuple[Step, ...] = ()) -> tuple[str, str]:
+           rng: random.Random, extra: tuple[Step, ...] = (), style: str = "plain",
+           order_rng: random.Random | None = None) -> tuple[str, str]:
     """(problem, cot_solution) of `program` with these templates and node names.
 
     `extra` steps appear in the CoT only (an unsupported extra step, a flaw); the CoT has one
-    line per written step and ends with `Answer: ...`.
+    line per written step and ends with `Answer: ...`. `style` (STYLE_LINES) changes the CoT's
+    lines only, never the problem or the number of lines; a style that reorders the steps
+    (STEP_ORDERS) draws the order from `order_rng` (default: seeded by the program), never from `rng`.
     """
+    if style not in STYLE_LINES:
+        raise ValueError(f"unknown CoT style {style!r} (known: {sorted(STYLE_LINES)})")
     t, vals = templates, replace(program, steps=program.steps + extra).values()
     sentences: list[str] = []
     cot: list[str] = []
@@ -247,17 +315,32 @@ def render(program: Program, templates: dict[str, str], unit: str, names: dict[s
     if extra:
         pos = rng.randrange(len(written))  # never after the final step
         written = written[:pos] + list(extra) + written[pos:]
+    if style in STEP_ORDERS:
+        written = STEP_ORDERS[style](written, program, order_rng or random.Random(repr(program.to_dict())))
     for i, s in enumerate(written, 1):
         if fam == "arithmetic":
             rhs = s.const if s.const is not None else vals[s.args[1]]
-            line = t["cot_arith"].format(i=i, y=names[s.out], expr=f"{vals[s.args[0]]} {sym[s.op]} {rhs}",
-                                         v=vals[s.out], unit=unit)
+            expr = f"{vals[s.args[0]]} {sym[s.op]} {rhs}"
+            line = t["cot_arith"].format(i=i, y=names[s.out], expr=expr, v=vals[s.out], unit=unit)
+            calc = f"{expr} = {vals[s.out]}"
+            used = s.args[:1] if s.const is not None else s.args
+            inputs = " and ".join(f"{names[a]} = {vals[a]}" for a in dict.fromkeys(used))
+            claim = f"{names[s.out]} = {calc}"
         elif fam == "implication":
             line = t[f"cot_{s.op}"].format(i=i, a=names[s.args[0]], b=names[s.args[-1]], c=names[s.out])
+            neg = "not " if s.op == "then_not" else ""
+            calc = f"therefore {neg}{names[s.out]}"
+            inputs = " and ".join(f"that {names[a]}" for a in dict.fromkeys(s.args))
+            claim = f"it is not the case that {names[s.out]}" if neg else names[s.out]
         else:
-            (x, y), (_, z) = vals[s.args[0]], vals[s.args[1]]
+            (x, y), (y2, z) = vals[s.args[0]], vals[s.args[1]]
             line = t["cot_compare"].format(i=i, a=names[x], b=names[y], c=names[z], cmp=names["cmp"])
-        cot.append(_tidy(line))
+            calc = f"{names[x]} {names['cmp']} {names[z]}"
+            inputs = f"{names[x]} {names['cmp']} {names[y]} and {names[y2]} {names['cmp']} {names[z]}"
+            claim = f"{names[x]} is {names['cmp']} {names[z]}"
+        plain = _tidy(line)
+        ln = _Line(i, plain, calc, inputs, claim, s.out == program.goal, fam)
+        cot.append(plain if style == "plain" else _tidy(STYLE_LINES[style](ln)))
     cot.append(f"Answer: {program.answer()}")
     problem = " ".join(_tidy(s) for s in sentences) + " " + _tidy(question)
     return problem, "\n".join(cot)

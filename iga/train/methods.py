@@ -6,7 +6,9 @@ returns scalar metrics. The trainer owns the optimizer.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +16,11 @@ from torch import Tensor, nn
 
 from iga import combine
 from iga.core import conflict_mask, lora_factor_grads, normalized_variance, project_to_lora, reconstruct
-from iga.params import AndMaskConfig, IGAConfig, MethodConfig, PenaltyConfig, SandMaskConfig
+from iga.errors import ConfigError
+from iga.params import AndMaskConfig, IGAConfig, MethodConfig, PenaltyConfig, SandMaskConfig, VCDConfig
 from iga.train.pergrad import LoraLayer, lora_layers, per_domain_gradients
 from iga.train.sft import IGNORE, Batch
+from iga.train.vcd import line_weight, newline_ids, propose_lines, token_lines
 
 
 def token_losses(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -25,16 +29,19 @@ def token_losses(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     return sums, counts
 
 
-def forward_losses(model: nn.Module, batch: Batch, hidden_states: bool = False
+def forward_losses(model: nn.Module, batch: Batch, hidden_states: bool = False, weights: Tensor | None = None
                    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
     """`token_losses`, and every layer's hidden states when asked. The vocabulary projection runs only
-    at the positions that predict a labelled token (the completion), not over the whole prompt."""
+    at the positions that predict a labelled token (the completion), not over the whole prompt.
+    `weights` (one per labelled token, in row-major order) scale each token's loss (VCD)."""
     labels = batch.labels[:, 1:]
     labelled = labels != IGNORE
     keep = torch.cat([labelled, labelled.new_zeros(labelled.shape[0], 1)], dim=1)  # position t predicts token t + 1
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
                 output_hidden_states=hidden_states)
     loss = F.cross_entropy(out.logits.float(), labels[labelled], reduction="none")  # (labelled tokens,)
+    if weights is not None:
+        loss = loss * weights
     rows = labelled.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=loss.dtype, device=loss.device).index_add(0, rows, loss)
     return sums, labelled.sum(dim=1), out.hidden_states if hidden_states else None
@@ -259,9 +266,83 @@ class IGA(Method):
         return {"loss": per_domain.mean().item(), **self._domain_metrics(per_domain), **stats.metrics()}
 
 
+class VCD(Method):
+    """Validity-calibrated distillation (iga/train/vcd.py): ERM's loss with each teacher line weighted by
+    how its verified validity compares with that of the student's own greedy line under the same prefix.
+    The student's lines of a row are generated again once they are `refresh` steps old (a resumed run
+    regenerates them: it matches an uninterrupted one when checkpoints fall on multiples of `refresh`)."""
+    config: VCDConfig
+
+    def __init__(self, model: nn.Module, config: VCDConfig, domains: tuple[str, ...], tokenizer: Any = None,
+                 verifier: Any = None):
+        super().__init__(model, config, domains)
+        if tokenizer is None or verifier is None:
+            raise ConfigError("method kind vcd needs the student's tokenizer and a step verifier (iga.data.verify)")
+        self.tokenizer, self.verifier = tokenizer, verifier
+        self.stop_ids = newline_ids(tokenizer)
+        self.now = 0
+        self.v_teacher: dict[str, list[float]] = {}
+        self.v_student: dict[str, tuple[int, list[float]]] = {}  # row -> (step generated, validity per line)
+
+    def begin_step(self, step: int, total: int) -> bool:
+        self.now = step
+        return False
+
+    def _validities(self, rows: list[dict[str, Any]]) -> tuple[list[list[float]], list[list[float]]]:
+        """(v_teacher, v_student) per line of each row, verifying what is missing or stale."""
+        keys = [f"{r['group_id']}|{r['domain']}" for r in rows]
+        lines = {k: r["cot_solution"].split("\n") for k, r in zip(keys, rows)}
+        new_t = {k: r for k, r in zip(keys, rows) if k not in self.v_teacher}
+        if new_t:
+            items = [(r, lines[k][:i], lines[k][i]) for k, r in new_t.items() for i in range(len(lines[k]))]
+            found = iter(self.verifier.verify_many(items))
+            for k in new_t:
+                self.v_teacher[k] = [next(found) for _ in lines[k]]
+        stale = {k: r for k, r in zip(keys, rows)
+                 if k not in self.v_student or self.now - self.v_student[k][0] >= self.config.refresh}
+        if stale:
+            requests = [(r, lines[k][:i]) for k, r in stale.items() for i in range(len(lines[k]))]
+            proposed = propose_lines(self.model, self.tokenizer, [(r["problem"], prefix) for r, prefix in requests],
+                                     self.config.max_line_tokens, self.stop_ids)
+            found = iter(self.verifier.verify_many([(r, prefix, line) for (r, prefix), line in zip(requests, proposed)]))
+            for k in stale:
+                self.v_student[k] = (self.now, [next(found) for _ in lines[k]])
+        return [self.v_teacher[k] for k in keys], [self.v_student[k][1] for k in keys]
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        if batch.sources is None:
+            raise ConfigError("method kind vcd needs batches that carry their data rows (iga.train.sft.encode_groups)")
+        c, rows = self.config, list(batch.sources)
+        t0 = time.perf_counter()
+        v_teacher, v_student = self._validities(rows)
+        proposal_s = time.perf_counter() - t0
+        weights = []
+        for row, vt, vs in zip(rows, v_teacher, v_student):
+            per_line = [line_weight(t, s, c.beta, c.w_min, c.w_max) for t, s in zip(vt, vs)]
+            weights += [per_line[i] for i in token_lines(self.tokenizer, row["cot_solution"])]
+        labelled = int((batch.labels[:, 1:] != IGNORE).sum())
+        if len(weights) != labelled:
+            raise ConfigError(f"vcd: {len(weights)} token weights for {labelled} completion tokens: the batch was "
+                              "not encoded with iga.train.sft.encode")
+        w = torch.tensor(weights, dtype=torch.float32, device=batch.labels.device)
+        sums, counts, _ = forward_losses(self.model, batch, weights=w)
+        loss = sums.sum() / counts.sum().clamp(min=1)
+        loss.backward()
+        flat_t = [v for vt in v_teacher for v in vt]
+        flat_s = [v for vs in v_student for v in vs]
+        return {"loss": loss.item(), **self._domain_metrics(domain_means(sums, counts, batch.n_domains)),
+                "weight_mean": float(w.mean()), "v_teacher": sum(flat_t) / len(flat_t),
+                "v_student": sum(flat_s) / len(flat_s), "proposal_s": proposal_s}
+
+
 METHODS: dict[str, type[Method]] = {"erm": ERM, "iga": IGA, "irm": Penalty, "vrex": Penalty, "pcgrad": GradientRule,
-                                    "and_mask": GradientRule, "sand_mask": GradientRule, "pareto_gs": GradientRule}
+                                    "and_mask": GradientRule, "sand_mask": GradientRule, "pareto_gs": GradientRule,
+                                    "vcd": VCD}
 
 
-def build_method(config: MethodConfig, model: nn.Module, domains: tuple[str, ...]) -> Method:
+def build_method(config: MethodConfig, model: nn.Module, domains: tuple[str, ...], tokenizer: Any = None,
+                 verifier: Any = None) -> Method:
+    """The method of `config`; VCD also reads the student's text (tokenizer) and verifies steps (verifier)."""
+    if isinstance(config, VCDConfig):
+        return VCD(model, config, domains, tokenizer, verifier)
     return METHODS[config.kind](model, config, domains)

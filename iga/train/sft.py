@@ -1,6 +1,7 @@
 """Supervised fine-tuning data: isomer groups → chat-formatted, completion-only, domain-major batches."""
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,6 +20,7 @@ IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    source: dict[str, Any] | None = None  # the data row (methods that read the text: VCD)
 
 
 @dataclass
@@ -29,10 +31,11 @@ class Batch:
     labels: Tensor  # IGNORE on prompt and padding
     n_domains: int
     seed: int  # seeds the method's own randomness on this micro-batch (randomized SVD)
+    sources: tuple[dict[str, Any], ...] | None = None  # each row's data row, where encoded with it
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.n_domains, self.seed)
+                     self.n_domains, self.seed, self.sources)
 
 
 def prompt_text(tokenizer: Any, problem: str) -> str:
@@ -56,7 +59,7 @@ def encode_groups(tokenizer: Any, groups: list[list[dict[str, Any]]], max_length
     """
     kept, too_long = [], 0
     for group in groups:
-        encoded = [encode(tokenizer, r["problem"], r["cot_solution"]) for r in group]
+        encoded = [dataclasses.replace(encode(tokenizer, r["problem"], r["cot_solution"]), source=r) for r in group]
         if max(len(e.input_ids) for e in encoded) > max_length:
             too_long += 1
         else:
@@ -93,7 +96,8 @@ def collate(groups: list[list[Encoded]], pad_id: int, seed: int) -> Batch:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return Batch(ids, mask, labels, n_domains, seed)
+    sources = tuple(e.source for e in rows) if all(e.source is not None for e in rows) else None
+    return Batch(ids, mask, labels, n_domains, seed, sources)
 
 
 class GroupSampler:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def load_student(base_dir: str | Path, lora: LoraParams, dtype: str = "float32",
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    model = _base_model(base_dir, dtype)
+    model = load_base(base_dir, dtype)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     missing = [m for m in lora.target_modules if not any(n.endswith(f".{m}") for n, _ in model.named_modules())]
     if missing:
@@ -124,6 +125,18 @@ def load_student(base_dir: str | Path, lora: LoraParams, dtype: str = "float32",
     return get_peft_model(model, config), tokenizer
 
 
+def save_adapter(model: Any, tokenizer: Any, folder: str | Path) -> None:
+    """The LoRA adapter and tokenizer, byte for byte the same for the same weights: PEFT writes
+    `target_modules` from a set, in an order that changes with Python's hash seed, so it is sorted."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = Path(folder) / "adapter_config.json"
+    data = json.loads(config.read_text())
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def load_trained(base_dir: str | Path, adapter: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     """The base model with a trained LoRA adapter (inference mode) and the adapter's tokenizer."""
     from peft import PeftModel
@@ -132,11 +145,11 @@ def load_trained(base_dir: str | Path, adapter: str | Path, dtype: str = "float3
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter}: no trained adapter here; run its `train` stage (python -m flows.train)")
-    model = _base_model(base_dir, dtype)
+    model = load_base(base_dir, dtype)
     return PeftModel.from_pretrained(model, adapter), AutoTokenizer.from_pretrained(adapter)
 
 
-def _base_model(base_dir: str | Path, dtype: str) -> Any:
+def load_base(base_dir: str | Path, dtype: str) -> Any:
     """The frozen base model written by the `student` stage."""
     from transformers import AutoModelForCausalLM
 

@@ -42,6 +42,37 @@ class Teacher(ABC):
     def verify(self, seed: dict[str, Any], dag: LogicalDAG, domain: str, instance: dict[str, Any]) -> float:
         """Structural alignment of the instance with the seed DAG, in [0, 1]; raises TeacherError."""
 
+    @property
+    def style(self) -> str:
+        """How this teacher writes an instance's own CoT (a candidate's `style` at j = 0)."""
+        return "sampled"
+
+    def sample(self, seed: dict[str, Any], row: dict[str, Any], j: int,
+               dag: LogicalDAG | None = None) -> dict[str, Any]:
+        """Candidate CoT j of a gated instance row (its problem unchanged): {sample, style, flaw, cot_solution,
+        answer, alignment_score, step_count, error}. j = 0 is the row's own CoT, as it is; j >= 1 a new one
+        (`candidate`), deterministic in (seed, row, j), whose teacher failure is recorded in `error`, not raised.
+        `dag`: the seed's logical DAG that alignment is measured against (default: seed["dag"])."""
+        if j == 0:
+            return {"sample": 0, "style": self.style, "flaw": row.get("flaw"), "cot_solution": row["cot_solution"],
+                    "answer": row["answer"], "alignment_score": row["alignment_score"],
+                    "step_count": row["step_count"], "error": row.get("error")}
+        try:
+            return self.candidate(seed, row, j, dag)
+        except TeacherError as e:
+            return {"sample": j, "style": self.style, "flaw": None, "cot_solution": None, "answer": None,
+                    "alignment_score": None, "step_count": None, "error": str(e)}
+
+    def candidate(self, seed: dict[str, Any], row: dict[str, Any], j: int,
+                  dag: LogicalDAG | None = None) -> dict[str, Any]:
+        """Candidate j >= 1 of `sample`; raises TeacherError."""
+        raise TeacherError(f"the {self.provider} teacher cannot write candidate CoTs (teacher.samples must be 1)")
+
+    def verify_step(self, seed: dict[str, Any], row: dict[str, Any], prefix: list[str], line: str) -> float:
+        """How valid `line` is as the next CoT line of the row's problem after the lines `prefix`, in [0, 1]."""
+        raise NotImplementedError(f"the {self.provider} teacher has no step verifier (verify_step); the procedural "
+                                  f"teacher's exact one is iga.data.verify")
+
     def extraction(self, seed: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
         """A row of data/isomers/dags.jsonl; a failed extraction is recorded, not raised (the gate
         regenerates it with the seed's instances)."""

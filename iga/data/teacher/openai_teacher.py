@@ -1,7 +1,8 @@
 """The teacher as an LLM behind any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama).
 
 Three prompts from the paper (extract, instantiate, verify) plus CoT annotation of seeds that
-come without a solution. Every response is constrained by a JSON schema and validated again on
+come without a solution, candidate CoTs of an instance's problem (solve) and the validity of one
+proposed CoT line (verify_step). Every response is constrained by a JSON schema and validated again on
 our side: a server that ignores `response_format` gets a failed attempt, not a crash. A rejected
 answer (bad JSON, schema mismatch, truncation, or a valid schema the project cannot use: a DAG with a
 cycle or an unknown node, a CoT with no extractable answer) is tried again with a new sample, up to
@@ -19,7 +20,7 @@ from typing import Any, Callable, TypeVar
 
 import jsonschema
 
-from iga.data.answers import extract_answer
+from iga.data.answers import count_steps, extract_answer
 from iga.data.dag import EDGE_LABELS, NODE_TYPES, LogicalDAG
 from iga.data.teacher.base import Teacher
 from iga.data.teacher.cache import cache_key
@@ -58,6 +59,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "annotate": {
         "type": "object", "additionalProperties": False, "required": ["cot_solution", "answer"],
         "properties": {"cot_solution": _STR, "answer": _STR},
+    },
+    "solve": {  # a candidate CoT for an instance's problem (Teacher.sample)
+        "type": "object", "additionalProperties": False, "required": ["cot_solution", "answer"],
+        "properties": {"cot_solution": _STR, "answer": _STR},
+    },
+    "verify_step": {  # the validity of a proposed next CoT line (Teacher.verify_step)
+        "type": "object", "additionalProperties": False, "required": ["validity", "reason"],
+        "properties": {"validity": {"type": "number", "minimum": 0, "maximum": 1}, "reason": _STR},
     },
 }
 
@@ -189,3 +198,24 @@ class OpenAITeacher(Teacher):
         data = self._call("verify", 1, dag=json.dumps(dag.to_dict()), domain=domain,
                           instance_problem=instance["problem"], instance_solution=instance["cot_solution"])
         return float(data["alignment_score"])
+
+    def candidate(self, seed: dict[str, Any], row: dict[str, Any], j: int,
+                  dag: LogicalDAG | None = None) -> dict[str, Any]:
+        """A new CoT for the row's problem: the solve prompt's sample j (j is in the cache key), scored by the
+        verify prompt against the seed's DAG like the row itself."""
+        if dag is None:
+            if not seed.get("dag"):
+                raise TeacherError(f"seed {seed['seed_id']}: no DAG to verify a candidate against (pass the extraction's)")
+            dag = LogicalDAG.from_dict(seed["dag"], f"DAG of seed {seed['seed_id']}")
+        data = self._call("solve", j, _with_answer("solve"), problem=row["problem"])
+        score = self.verify(seed, dag, row["domain"], {"problem": row["problem"], "cot_solution": data["cot_solution"]})
+        return {"sample": j, "style": "sampled", "flaw": None, "cot_solution": data["cot_solution"],
+                "answer": data["answer"], "alignment_score": score, "step_count": count_steps(data["cot_solution"]),
+                "error": None}
+
+    def verify_step(self, seed: dict[str, Any], row: dict[str, Any], prefix: list[str], line: str) -> float:
+        """The verify_step prompt's validity of `line` after `prefix` for the row's problem (cached per
+        problem, prefix and line: all three are in the prompt)."""
+        data = self._call("verify_step", 1, problem=row["problem"], steps="\n".join(prefix) or "(no lines yet)",
+                          line=line)
+        return float(data["validity"])

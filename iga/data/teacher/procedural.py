@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import random
 import re
+import typing
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
+from iga.data.answers import count_steps
 from iga.data.dag import LogicalDAG, structural_alignment
 from iga.data.domains import DOMAINS
 from iga.data.program import Program, Step, node_ids, render
 from iga.data.seeds import seed_program
 from iga.data.teacher.base import Teacher
 from iga.errors import ConfigError, TeacherError
-from iga.params import Params
+from iga.params import Params, Style
 
 FLAWS = ("dropped_step", "extra_step", "broken_dependency", "wrong_answer")
+STYLES: tuple[str, ...] = typing.get_args(Style)  # a candidate CoT's style is drawn from all of them
 _CONCENTRATION = 1.0  # Beta(a, b) with a + b = 1: strongly seed-dependent error rates
+
+
+class Draw(NamedTuple):
+    program: Program  # as written: a flaw may hide a step or break a dependency
+    extra: tuple[Step, ...]  # an unsupported extra step (the extra_step flaw)
+    flaw: str | None
+    names: dict[str, str]  # node id -> the domain's phrase for it in the problem and the CoT
+    rng: random.Random  # continues into the rendering (sentence order, the extra step's position)
 
 
 class ProceduralTeacher(Teacher):
@@ -48,27 +59,71 @@ class ProceduralTeacher(Teacher):
         rng = random.Random(f"{self.params.teacher.seed}:{seed_id}:hardness")
         return rng.betavariate(rate * _CONCENTRATION, (1 - rate) * _CONCENTRATION)
 
-    def instantiate(self, seed: dict[str, Any], dag: LogicalDAG, domain: str, attempt: int) -> dict[str, Any]:
+    def draw(self, seed: dict[str, Any], domain: str, attempt: int) -> Draw:
+        """What attempt `attempt` at this instance writes: the (possibly flawed) program, its extra step,
+        the flaw, and the domain's name of every node; a pure function of (teacher.seed, seed, domain, attempt)."""
         t = self.params.teacher
         rng = random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:{attempt}")
         program = seed_program(seed)
         flaw = rng.choice(FLAWS) if rng.random() < self.flaw_probability(seed["seed_id"]) else None
         program, extra, flaw = _apply_flaw(program, flaw, rng)
+        names = _names(program, extra, DOMAINS[domain], random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:names"))
+        return Draw(program, extra, flaw, names, rng)
+
+    @property
+    def style(self) -> str:
+        return self.params.teacher.style
+
+    def instantiate(self, seed: dict[str, Any], dag: LogicalDAG, domain: str, attempt: int) -> dict[str, Any]:
+        t = self.params.teacher
+        program, extra, flaw, names, rng = self.draw(seed, domain, attempt)
         d = DOMAINS[domain]
-        names = _names(program, extra, d, random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:names"))
-        problem, cot = render(program, d.templates, d.unit, names, rng, extra)
+        problem, cot = render(program, d.templates, d.unit, names, rng, extra, style=t.style,
+                              order_rng=random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:{attempt}:order"))
         answer = program.answer()
         problem = _with_cue(problem, answer, domain, self.params, random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:cue"))
-        if flaw == "wrong_answer":
-            answer = _wrong(answer, rng)
-            cot = re.sub(r"Answer: .*$", f"Answer: {answer}", cot)
-        written = replace(program, steps=program.steps[:-1] + extra + program.steps[-1:])
+        cot, answer, written = _as_written(program, extra, flaw, cot, answer, rng)
         return {"problem": problem, "cot_solution": cot, "answer": answer, "flaw": flaw,
                 "instance_dag": written.to_dag().to_dict()}
 
     def verify(self, seed: dict[str, Any], dag: LogicalDAG, domain: str, instance: dict[str, Any]) -> float:
         written = LogicalDAG.from_dict(instance["instance_dag"], f"instance of {seed['seed_id']} in {domain}")
         return structural_alignment(written, dag)
+
+    def candidate(self, seed: dict[str, Any], row: dict[str, Any], j: int,
+                  dag: LogicalDAG | None = None) -> dict[str, Any]:
+        """Another CoT for the row's problem as written: the problem's program (a broken dependency of the
+        row's own draw is in the problem; a dropped step or an extra step of its CoT is not), in a style
+        drawn from all of them, with its own flaw draw (the same model as `instantiate`) on the CoT only."""
+        t, domain, attempt = self.params.teacher, row["domain"], row["attempt"]
+        draw = self.draw(seed, domain, attempt)
+        base = replace(draw.program, hidden=frozenset())
+        rng = random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:{attempt}:sample{j}")
+        style = rng.choice(STYLES)
+        flaw = rng.choice(FLAWS) if rng.random() < self.flaw_probability(seed["seed_id"]) else None
+        program, extra, flaw = _apply_flaw(base, flaw, rng)
+        d = DOMAINS[domain]
+        names = dict(draw.names)
+        for k in node_ids(program, extra):  # the extra step's node, when the row's own draw had none
+            if k not in names:
+                names[k] = rng.choice([x for x in _pool(program, d) if x not in names.values()])
+        _, cot = render(program, d.templates, d.unit, names, rng, extra, style=style,
+                        order_rng=random.Random(f"{t.seed}:{seed['seed_id']}:{domain}:{attempt}:sample{j}:order"))
+        cot, answer, written = _as_written(program, extra, flaw, cot, program.answer(), rng)
+        if dag is None:
+            dag = LogicalDAG.from_dict(seed["dag"], f"DAG of seed {seed['seed_id']}")
+        return {"sample": j, "style": style, "flaw": flaw, "cot_solution": cot, "answer": answer,
+                "alignment_score": structural_alignment(written.to_dag(), dag), "step_count": count_steps(cot),
+                "error": None}
+
+
+def _as_written(program: Program, extra: tuple[Step, ...], flaw: str | None, cot: str, answer: str,
+                rng: random.Random) -> tuple[str, str, Program]:
+    """The CoT and answer after a wrong_answer flaw, and the program as written (its extra step before the goal's)."""
+    if flaw == "wrong_answer":
+        answer = _wrong(answer, rng)
+        cot = re.sub(r"Answer: .*$", f"Answer: {answer}", cot)
+    return cot, answer, replace(program, steps=program.steps[:-1] + extra + program.steps[-1:])
 
 
 def _with_cue(problem: str, answer: str, domain: str, params: Any, rng: random.Random) -> str:
@@ -110,8 +165,11 @@ def _apply_flaw(program: Program, flaw: str | None, rng: random.Random) -> tuple
 
 def _names(program: Program, extra: tuple[Step, ...], d, rng: random.Random) -> dict[str, str]:
     ids = node_ids(program, extra)
-    pool = {"arithmetic": d.quantities, "implication": d.propositions, "comparison": d.entities}[program.family]
-    return dict(zip(ids, rng.sample(pool, len(ids)))) | {"cmp": d.comparative}
+    return dict(zip(ids, rng.sample(_pool(program, d), len(ids)))) | {"cmp": d.comparative}
+
+
+def _pool(program: Program, d) -> tuple[str, ...]:
+    return {"arithmetic": d.quantities, "implication": d.propositions, "comparison": d.entities}[program.family]
 
 
 def _wrong(answer: str, rng: random.Random) -> str:

@@ -1,0 +1,70 @@
+"""Validity-calibrated distillation ("Validity-Calibrated Reasoning Distillation", 2026): at each step
+boundary of a training CoT, the student proposes its own next line under the teacher's prefix; a
+verifier (iga/data/verify.py) scores the local validity v in [0, 1] of the student's line and of the
+teacher's; the loss on the teacher's line is weighted by
+
+    w = clip(1 + beta * (v_teacher - v_student), w_min, w_max)
+
+- teacher right, student wrong (1, 0): w = 1 + beta, learn this line harder;
+- both right or both wrong: w = 1, plain imitation;
+- teacher wrong, student right (0, 1): w = 1 - beta, clipped at w_min: do not unlearn a valid step
+  to copy a flawed one (w_min = 0 drops the line).
+
+beta = 0 is ERM exactly (every weight is 1.0, and x * 1.0 == x in floating point). The loss is
+normalised by the token count, as ERM's, not by the weights: a weight changes how much a line counts,
+not the scale of the others. Helpers only; the method is `VCD` in iga/train/methods.py.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from iga.train.decode import greedy
+from iga.train.sft import prompt_text
+
+
+def line_weight(v_teacher: float, v_student: float, beta: float, w_min: float, w_max: float) -> float:
+    return min(w_max, max(w_min, 1.0 + beta * (v_teacher - v_student)))
+
+
+def token_lines(tokenizer: Any, target: str) -> list[int]:
+    """The CoT line (0-based) of each completion token, as `iga.train.sft.encode` tokenizes `target`
+    (plus the end-of-turn token, which belongs to the last line). A token that holds a newline and the
+    start of the next line belongs to the line its last character is in."""
+    text = target + tokenizer.eos_token
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    last = target.count("\n")
+    return [min(last, text.count("\n", 0, max(start, end - 1))) for start, end in enc["offset_mapping"]]
+
+
+def newline_ids(tokenizer: Any) -> frozenset[int]:
+    """Vocabulary entries that contain a newline: where a proposed line ends."""
+    vocab = tokenizer.get_vocab()
+    return frozenset(i for i in vocab.values() if "\n" in tokenizer.decode([i]))
+
+
+@torch.no_grad()
+def propose_lines(model: Any, tokenizer: Any, requests: list[tuple[str, list[str]]], max_tokens: int,
+                  stop_ids: frozenset[int], batch_size: int = 32) -> list[str]:
+    """The student's greedy next line after each (problem, gold prefix lines), in its chat template."""
+    texts = [prompt_text(tokenizer, problem) + "".join(line + "\n" for line in prefix) for problem, prefix in requests]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    out = [""] * len(texts)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            rows = greedy(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), max_tokens,
+                          tokenizer.eos_token_id, stop_ids)
+            for i, ids in zip(idx, rows):
+                text = tokenizer.decode(ids, skip_special_tokens=True).lstrip("\n")
+                out[i] = text.split("\n", 1)[0].strip()
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out

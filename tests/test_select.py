@@ -1,0 +1,91 @@
+"""The select stage: RSR scores under the student (batched = one row at a time = a direct computation),
+every strategy's choice, and `flows.select` on real Prefect with the tiny student: `first` hands training
+the split's own rows, `rsr` keeps each instance's lowest-RSR eligible candidate."""
+import pytest
+import torch
+
+from conftest import write_params
+from iga.io import read_jsonl
+from iga.params import SelectParams
+from iga.rsr import token_rank_nll
+from iga.train.select import choose, dataset_scores, score_trajectories
+from iga.train.sft import IGNORE, encode
+from iga.train.student import load_base
+
+
+def test_scores_do_not_depend_on_batching_and_match_a_direct_computation(tiny_base):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = load_base(tiny_base, "float32"), AutoTokenizer.from_pretrained(tiny_base)
+    texts = [("Let x be 3. What is x + 4?", "Step 1: x + 4 = 3 + 4 = 7.\nAnswer: 7"),
+             ("Is a greater than b?", "Step 1: a is greater than b.\nAnswer: yes"),
+             ("Let y be 10. What is y * 2?", "Step 1: y * 2 = 20.\nStep 2: that is all.\nAnswer: 20")]
+    batched = score_trajectories(model, tokenizer, texts, batch_size=3, clip=100)
+    single = score_trajectories(model, tokenizer, texts, batch_size=1, clip=100)
+    for b, s, (problem, cot) in zip(batched, single, texts):
+        assert b["tokens"] == s["tokens"] and b["avg_rank"] == pytest.approx(s["avg_rank"], abs=1e-9)
+        assert b["avg_nll"] == pytest.approx(s["avg_nll"], rel=1e-4)
+        e = encode(tokenizer, problem, cot)  # the reference: full logits, every position, no batching
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1]
+        ranks, nlls = token_rank_nll(logits, torch.tensor(e.labels[1:]))
+        n = sum(label != IGNORE for label in e.labels[1:])
+        assert s["tokens"] == n and s["avg_rank"] == pytest.approx(float(ranks.sum()) / n)
+        assert s["avg_nll"] == pytest.approx(float(nlls.sum()) / n, rel=1e-4)
+        assert s["rsr"] == pytest.approx(float(ranks.sum() / nlls.sum()), rel=1e-4)
+
+
+def test_every_strategy_chooses_as_documented():
+    cands = [{"rsr": 3.0, "avg_nll": 1.0}, {"rsr": 2.0, "avg_nll": 2.0}, {"rsr": 2.0, "avg_nll": 0.5}]
+    pick = {s: choose(cands, SelectParams(s, 0, 8, 100), "g|d") for s in ("first", "rsr", "nll", "random")}
+    assert pick["first"] == 0 and pick["rsr"] == 1 and pick["nll"] == 2  # ties go to the earlier candidate
+    assert pick["random"] == choose(cands, SelectParams("random", 0, 8, 100), "g|d")  # keyed, not order-dependent
+
+
+def test_dataset_rsr_is_a_ratio_of_means():
+    rows = [{"group_id": g, "avg_rank": r, "avg_nll": n} for g, r, n in (("a", 2.0, 1.0), ("b", 4.0, 3.0))]
+    d = dataset_scores(rows)
+    assert d["rsr"]["estimate"] == pytest.approx(3.0 / 2.0) and d["groups"] == 2 and d["trajectories"] == 2
+    assert d["rsr"]["ci95"][0] <= d["rsr"]["estimate"] <= d["rsr"]["ci95"][1]
+
+
+@pytest.fixture
+def split_project(prefect_api_url, workdir, tiny_base):
+    import shutil
+
+    from flows.data import data_flow
+
+    write_params(workdir, {"seeds.n": 12, "teacher.samples": 3, "teacher.flaw_rate": 0.3, "split.test_fraction": 0.4})
+    data_flow("params.yaml")
+    shutil.copytree(tiny_base, workdir / "models/base")
+    return workdir
+
+
+def test_select_first_hands_training_the_split_rows_and_rsr_the_lowest(split_project):
+    from flows.select import select_flow
+
+    train = read_jsonl("data/split/train.jsonl")
+    first = select_flow("params.yaml")
+    selected = read_jsonl("data/select/train.jsonl")
+    assert first["kept_own"] == len(train) == len(selected)
+    for a, b in zip(train, selected):
+        assert {k: b[k] for k in a} == a  # every field of the split's row, unchanged
+        assert b["sample"] == 0 and {"rsr", "avg_rank", "avg_nll"} <= b.keys()
+    assert read_jsonl("data/select/ledger.jsonl") == []
+
+    write_params(split_project, {"seeds.n": 12, "teacher.samples": 3, "teacher.flaw_rate": 0.3, "split.test_fraction": 0.4,
+                                 "select.strategy": "rsr"})
+    metrics = select_flow("params.yaml")
+    selected = read_jsonl("data/select/train.jsonl")
+    candidates = read_jsonl("data/select/candidates.jsonl")
+    assert len(candidates) == 3 * len(train) and metrics["candidates_sampled"] == 2 * len(train)
+    assert all(r[k] is not None for r in selected for k in ("rsr", "avg_rank", "avg_nll"))
+    for row in selected:
+        mine = [c for c in candidates if (c["group_id"], c["domain"]) == (row["group_id"], row["domain"])]
+        eligible = [c for c in mine if c["eligible"]]
+        assert mine[0]["eligible"] and sum(c["chosen"] for c in mine) == 1
+        if metrics["groups_reverted_step_gate"] == 0:
+            assert row["rsr"] == min(c["rsr"] for c in eligible)
+        assert all(c["alignment_score"] >= 0.85 for c in eligible)
+    assert metrics["selected"]["rsr"]["estimate"] <= metrics["own"]["rsr"]["estimate"]
+    assert metrics["kept_own"] < len(train)  # the samples were worth choosing from
