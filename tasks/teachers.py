@@ -119,8 +119,9 @@ def select_across_teachers(scored: dict[str, dict[str, Any]]) -> dict[str, list[
             for name, strategy in SELECTED.items()}
 
 
-def _accuracy_by_seed(correct: np.ndarray) -> np.ndarray:
-    return correct.mean(axis=0)  # per problem, the mean over training seeds
+def _per_problem(correct: np.ndarray) -> np.ndarray:
+    """(training seeds, problems) -> each problem's mean over the training seeds."""
+    return correct.mean(axis=0)
 
 
 @task(cache_policy=NO_CACHE)
@@ -144,7 +145,7 @@ def write_correlation(params: Params, scored: dict[str, dict[str, Any]], selecte
              "|---|---|---|---|---|"]
     for t in sorted(names, key=lambda t: scored[t]["dataset"]["rsr"]["estimate"]):
         d = scored[t]["dataset"]
-        acc = correct[t].mean(axis=0)  # per problem, over seeds
+        acc = _per_problem(correct[t])
         by_seed = {}
         for p, a in zip(problems, acc):
             by_seed.setdefault(p["seed_id"], []).append(a)
@@ -167,7 +168,7 @@ def write_correlation(params: Params, scored: dict[str, dict[str, Any]], selecte
               "| dataset | from each teacher | held-out accuracy | minus plain [95 % CI] | p |", "|---|---|---|---|---|"]
     for name, data in selected.items():
         picked = ", ".join(f"{t} {n}" for t, n in sorted(Counter(r["teacher"] for r in data).items()))
-        a, b = _accuracy_by_seed(correct[name]), _accuracy_by_seed(correct["plain"])
+        a, b = _per_problem(correct[name]), _per_problem(correct["plain"])
         delta, lo, hi, p = paired_bootstrap_diff(a, b, clusters)
         lines.append(f"| {name} | {picked} | {a.mean():.3f} | {delta:+.3f} [{lo:+.3f}, {hi:+.3f}] | {p:.2f} |")
     text = "\n".join(lines) + "\n"
