@@ -9,6 +9,8 @@ losses. Sources: PCGrad (Yu et al., 2020), AND-mask (Parascandolo et al., 2021),
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -109,12 +111,16 @@ def vrex_penalty(losses: Tensor) -> Tensor:
     return losses.var(unbiased=False)
 
 
-def irm_penalty(even_losses: Tensor, odd_losses: Tensor, scale: Tensor) -> Tensor:
+def irm_penalty(even_losses: Tensor, odd_losses: Tensor, scale: Tensor,
+                total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """IRMv1 as in DomainBed. `scale` (N,) is a dummy classifier, one per domain, that multiplies that
     domain's logits (requires_grad); `even_losses` and `odd_losses` (N,) are each domain's loss on its
     even and on its odd examples. Per domain, the product of the two losses' gradients w.r.t. its scale
     (an unbiased estimate of the squared gradient), averaged over domains. It is 0 where scale = 1 is
-    already optimal for every domain, and differentiable for the outer step (create_graph)."""
+    already optimal for every domain, and differentiable for the outer step (create_graph).
+    Data-parallel, `total` sums each rank's share of those gradients over ranks before the product."""
     grads_even = torch.autograd.grad(even_losses.sum(), scale, create_graph=True)[0]
     grads_odd = torch.autograd.grad(odd_losses.sum(), scale, create_graph=True)[0]
+    if total is not None:
+        grads_even, grads_odd = total(grads_even), total(grads_odd)
     return (grads_even * grads_odd).mean()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -145,6 +146,8 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda"]
     precision: Literal["auto", "float32", "bfloat16"]  # bf16 autocast; auto: where the hardware has native bf16
     checkpoint_every: int  # steps
+    nproc: int  # data-parallel ranks on this machine (torchrun); 1: one process
+    collective_timeout_s: float  # a rank that waits longer than this for the others fails the run
 
 
 @dataclass(frozen=True)
@@ -231,12 +234,37 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class RayResources:
+    num_cpus: int  # reserved per (run, draw, seed); the task sets torch's threads to it
+    num_gpus: float  # reserved per (run, draw, seed); a fraction shares a GPU
+
+
+@dataclass(frozen=True)
+class RayParams:
+    address: str | None  # None: start a local Ray instance; "auto", "host:port" or "ray://host:port": join a cluster
+    resources: RayResources
+
+
+@dataclass(frozen=True)
+class HparamRange:
+    """Where a random draw of one hyperparameter comes from (iga/experiment/sweep.py)."""
+    lo: float
+    hi: float
+    scale: Literal["log", "linear"]  # log: log-uniform on [lo, hi] (DomainBed's 10**uniform); linear: uniform
+
+
+@dataclass(frozen=True)
 class ExperimentParams:
     seeds: tuple[int, ...]  # train.seed of each repeat (LoRA init, batch order); the data split stays fixed
     steps: int  # optimizer steps per run
     eval_groups: int  # held-out test seeds whose ID and OOD problems each run generates (NLL, LCS: every test seed)
     max_new_tokens: int  # greedy decoding budget per completion
     cost_steps: int  # table 3: timed steps per method on one batch, after one warm-up step
+    runner: Literal["local", "ray"]  # local: one (run, draw, seed) after another in the flow's process; ray: Ray tasks
+    ray: RayParams
+    hparam_draws: int  # per Table 1 run: draw 0 = the configured hyperparameters, 1.. random from `ranges`
+    val_seeds: int  # training seeds held out of every run's training: the model-selection (validation) set
+    ranges: dict[str, HparamRange]  # "lr" or "<method kind>.<field>" -> its random-search range
     table1: tuple[str, ...]  # keys of runs: the methods table
     table2: tuple[str, ...]  # keys of runs: the ablations, each against full IGA
     runs: dict[str, RunConfig]
@@ -429,29 +457,14 @@ def _validate(p: Params) -> None:
         if isinstance(cfg, IGAConfig):
             _check(lo.dropout == 0, "lora.dropout", f"must be 0 for method {name} (IGA's per-domain gradients "
                    "need the LoRA branch to see the base layer's input)", lo.dropout)
-            _check(cfg.tau >= 0, f"methods.{name}.tau", "must be >= 0", cfg.tau)
-            _check(cfg.oversample >= 0, f"methods.{name}.oversample", "must be >= 0", cfg.oversample)
-            _check(cfg.reconstruction != "none" or cfg.projection == "none", f"methods.{name}.projection",
-                   "must be none when reconstruction is none (there is no full-weight gradient to project)",
-                   cfg.projection)
-        if isinstance(cfg, PenaltyConfig):
-            _check(cfg.penalty_weight >= 0, f"methods.{name}.penalty_weight", "must be >= 0", cfg.penalty_weight)
-            _check(0 <= cfg.anneal_frac < 1, f"methods.{name}.anneal_frac", "must be in [0, 1)", cfg.anneal_frac)
-        if isinstance(cfg, AndMaskConfig):
-            _check(0 <= cfg.tau <= 1, f"methods.{name}.tau", "must be in [0, 1]", cfg.tau)
-        if isinstance(cfg, SandMaskConfig):
-            _check(0 < cfg.tau < 1, f"methods.{name}.tau", "must be in (0, 1) (at 1 the SAND-mask is all zero)", cfg.tau)
-            _check(cfg.k > 0, f"methods.{name}.k", "must be > 0", cfg.k)
-        if isinstance(cfg, VCDConfig):
-            _check(0 <= cfg.w_min <= 1 <= cfg.w_max, f"methods.{name}.w_min/w_max", "must satisfy 0 <= w_min <= 1 <= "
-                   "w_max (w = 1 where the teacher and the student are equally valid)", (cfg.w_min, cfg.w_max))
-            _check(cfg.beta >= 0, f"methods.{name}.beta", "must be >= 0", cfg.beta)
-            for key in ("refresh", "max_line_tokens"):
-                _check(getattr(cfg, key) >= 1, f"methods.{name}.{key}", "must be >= 1", getattr(cfg, key))
         if isinstance(cfg, GradientRuleConfig):
             _check(lo.dropout == 0, "lora.dropout", f"must be 0 for method {name} (per-domain gradients)", lo.dropout)
-    for key in ("steps", "groups_per_batch", "grad_accum", "max_length", "threads", "checkpoint_every"):
+        _check_method(f"methods.{name}", cfg)
+    for key in ("steps", "groups_per_batch", "grad_accum", "max_length", "threads", "checkpoint_every", "nproc"):
         _check(getattr(tr, key) >= 1, f"train.{key}", "must be >= 1", getattr(tr, key))
+    _check(tr.groups_per_batch % tr.nproc == 0, "train.groups_per_batch", f"must divide evenly among the "
+           f"train.nproc = {tr.nproc} ranks (it is the global batch)", tr.groups_per_batch)
+    _check(tr.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0", tr.collective_timeout_s)
     _check(tr.lr > 0, "train.lr", "must be > 0", tr.lr)
     _check(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0", tr.weight_decay)
     _check(0 <= tr.beta1 < 1 and 0 <= tr.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)", (tr.beta1, tr.beta2))
@@ -476,10 +489,41 @@ def _validate(p: Params) -> None:
            p.schedule.cron)
 
 
+def _check_method(key: str, cfg: MethodConfig) -> None:
+    """A method configuration's own values; `key` names it (methods.<name>, or a sweep range's bound applied to it)."""
+    if isinstance(cfg, IGAConfig):
+        _check(cfg.tau >= 0, f"{key}.tau", "must be >= 0", cfg.tau)
+        _check(cfg.oversample >= 0, f"{key}.oversample", "must be >= 0", cfg.oversample)
+        _check(cfg.reconstruction != "none" or cfg.projection == "none", f"{key}.projection",
+               "must be none when reconstruction is none (there is no full-weight gradient to project)",
+               cfg.projection)
+    if isinstance(cfg, PenaltyConfig):
+        _check(cfg.penalty_weight >= 0, f"{key}.penalty_weight", "must be >= 0", cfg.penalty_weight)
+        _check(0 <= cfg.anneal_frac < 1, f"{key}.anneal_frac", "must be in [0, 1)", cfg.anneal_frac)
+    if isinstance(cfg, AndMaskConfig):
+        _check(0 <= cfg.tau <= 1, f"{key}.tau", "must be in [0, 1]", cfg.tau)
+    if isinstance(cfg, SandMaskConfig):
+        _check(0 < cfg.tau < 1, f"{key}.tau", "must be in (0, 1) (at 1 the SAND-mask is all zero)", cfg.tau)
+        _check(cfg.k > 0, f"{key}.k", "must be > 0", cfg.k)
+    if isinstance(cfg, VCDConfig):
+        _check(0 <= cfg.w_min <= 1 <= cfg.w_max, f"{key}.w_min/w_max", "must satisfy 0 <= w_min <= 1 <= "
+               "w_max (w = 1 where the teacher and the student are equally valid)", (cfg.w_min, cfg.w_max))
+        _check(cfg.beta >= 0, f"{key}.beta", "must be >= 0", cfg.beta)
+        for field in ("refresh", "max_line_tokens"):
+            _check(getattr(cfg, field) >= 1, f"{key}.{field}", "must be >= 1", getattr(cfg, field))
+
+
 def _validate_experiment(p: Params) -> None:
     ex = p.experiment
-    for key in ("steps", "eval_groups", "max_new_tokens", "cost_steps"):
+    for key in ("steps", "eval_groups", "max_new_tokens", "cost_steps", "hparam_draws", "val_seeds"):
         _check(getattr(ex, key) >= 1, f"experiment.{key}", "must be >= 1", getattr(ex, key))
+    address = ex.ray.address
+    _check(address is None or address == "auto" or re.fullmatch(r"(ray://)?[\w.-]+:\d+", address) is not None,
+           "experiment.ray.address", "must be null (a local Ray instance), auto, host:port or ray://host:port", address)
+    res = ex.ray.resources
+    _check(res.num_cpus >= 1, "experiment.ray.resources.num_cpus", "must be >= 1", res.num_cpus)
+    _check(res.num_gpus >= 0, "experiment.ray.resources.num_gpus", "must be >= 0", res.num_gpus)
+    _validate_ranges(p)
     _check(len(set(ex.seeds)) == len(ex.seeds), "experiment.seeds", "must not repeat a seed", ex.seeds)
     rows = p.train.groups_per_batch * len(p.domains.train)  # sequences per micro-batch, the same for every run
     for name, run in ex.runs.items():
@@ -497,6 +541,28 @@ def _validate_experiment(p: Params) -> None:
         for i, name in enumerate(getattr(ex, table)):
             _check(name in ex.runs, f"experiment.{table}[{i}]", "must be a key of experiment.runs", name)
     _check("iga" in ex.table1, "experiment.table1", "must include iga (both tables compare with it)", ex.table1)
+
+
+def _validate_ranges(p: Params) -> None:
+    """Each range names lr or a float field of a method kind, and both its bounds are valid values there: every
+    draw lies between them, and each method check is an interval."""
+    kinds = {k: c for c in typing.get_args(MethodConfig) for k in typing.get_args(typing.get_type_hints(c)["kind"])}
+    for name, r in p.experiment.ranges.items():
+        key = f"experiment.ranges.{name}"
+        _check(r.lo < r.hi, key, "must have lo < hi", (r.lo, r.hi))
+        _check(r.scale == "linear" or r.lo > 0, f"{key}.lo", "must be > 0 on a log scale", r.lo)
+        if name == "lr":
+            _check(r.lo > 0, f"{key}.lo", "must be > 0 (train.lr)", r.lo)
+            continue
+        kind, _, field = name.partition(".")
+        fields = typing.get_type_hints(kinds[kind]) if kind in kinds else {}
+        _check(fields.get(field) is float, key, f"must be lr or <kind>.<float field of that kind> (kinds: "
+               f"{sorted(kinds)})", name)
+        for method, cfg in p.methods.items():
+            if cfg.kind == kind:
+                for end in ("lo", "hi"):
+                    _check_method(f"{key}.{end} applied to methods.{method}",
+                                  dataclasses.replace(cfg, **{field: getattr(r, end)}))
 
 
 def parse_params(data: Any) -> Params:

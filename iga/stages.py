@@ -42,7 +42,10 @@ class Stage:
     after: tuple[str, ...] = ()  # stages whose params reach this one's result through their outputs
 
 
-_TRAIN_EXCLUDE = ("train.methods", "train.threads", "train.checkpoint_every")
+# How a run is spread over threads and ranks changes its numbers only by float rounding (data-parallel:
+# within 1e-4 of each tensor's norm, tests/test_distributed.py), as the thread count already does.
+_TRAIN_EXCLUDE = ("train.methods", "train.threads", "train.checkpoint_every", "train.nproc",
+                  "train.collective_timeout_s")
 STAGES: dict[str, Stage] = {
     "seeds": Stage(("flows.seeds",), ("seeds",)),
     "isomers": Stage(("flows.isomers",), ("domains", "teacher"), files=("iga/data/teacher/prompts",)),
@@ -57,17 +60,19 @@ STAGES: dict[str, Stage] = {
                       exclude=("eval.threads",), after=("train",)),
     "experiment": Stage(("flows.experiment",), ("experiment", "methods", "domains", "split", "student", "lora", "train",
                                                 "eval.dtype", "eval.batch_size", "eval.nll_batch_size"),
-                        exclude=_TRAIN_EXCLUDE),
+                        exclude=(*_TRAIN_EXCLUDE, "experiment.runner", "experiment.ray")),  # where runs run
     # Not DVC stages: what a checkpoint and a finished experiment run must match, and what makes two
     # models' per-problem scores comparable (the same held-out rows, settings and base model).
     "train-run": Stage(("iga.train.loop", "iga.train.methods", "iga.train.student", "iga.data.verify"),
                        (f"methods.{ITEM}", "domains.train", "student", "lora", "train"), exclude=_TRAIN_EXCLUDE),
     "experiment-run": Stage(("iga.data.split", "iga.data.verify", "iga.train.loop", "iga.train.methods",
-                             "iga.train.student", "iga.experiment.variants", "iga.eval.evaluate"),
-                            # split: the instance-level ablation; verify: VCD's step verifier
+                             "iga.train.student", "iga.experiment.variants", "iga.experiment.sweep",
+                             "iga.eval.evaluate"),
+                            # split: the instance-level ablation; verify: VCD's step verifier; sweep: the validation
+                            # seeds held out (a draw's values come in as the run's method and train.lr)
                             (f"experiment.runs.{ITEM}", "domains", "split", "student", "lora", "train",
                              "eval.dtype", "eval.batch_size", "eval.nll_batch_size", "experiment.eval_groups",
-                             "experiment.max_new_tokens", "experiment.steps"),
+                             "experiment.max_new_tokens", "experiment.steps", "experiment.val_seeds"),
                             exclude=(*_TRAIN_EXCLUDE, "train.seed", "train.steps")),  # a run sets both
     "scores": Stage(("iga.eval.evaluate",), ("student", "eval"), exclude=("eval.threads", "eval.lcs_groups")),
 }

@@ -71,13 +71,14 @@ TABLES = {n: REPORTS / f"table{n}.md" for n in (1, 2, 3)}
 EXPERIMENT_REPORT = REPORTS / "experiment"  # Table 1's runs as summary.md and figures
 
 
-def experiment_result(run: str, seed: int) -> Path:
-    """A finished run's metrics, history and params hash (a matching hash is skipped on re-runs)."""
-    return EXPERIMENT / "runs" / run / f"seed{seed}.json"
+def experiment_result(run: str, draw: int, seed: int) -> Path:
+    """A finished (run, hyperparameter draw, seed)'s metrics, history and params hash (a matching hash is
+    skipped on re-runs)."""
+    return EXPERIMENT / "runs" / run / f"draw{draw}" / f"seed{seed}.json"
 
 
-def experiment_checkpoints(run: str, seed: int) -> Path:
-    return EXPERIMENT / "runs" / run / f"seed{seed}.checkpoints"
+def experiment_checkpoints(run: str, draw: int, seed: int) -> Path:
+    return EXPERIMENT / "runs" / run / f"draw{draw}" / f"seed{seed}.checkpoints"
 
 
 TEACHER_RANKING = REPORTS / "teachers.md"  # `flows.rank_teachers`: named teachers by dataset RSR under the student

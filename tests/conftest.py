@@ -31,8 +31,13 @@ os.environ.update({
     "GX_ANALYTICS_ENABLED": "false",
     "GIT_CONFIG_GLOBAL": str(_HOME / "gitconfig"),
 })
-for var in ("PREFECT_API_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+for var in ("PREFECT_API_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "MLFLOW_S3_ENDPOINT_URL",
+            *(v for v in os.environ if v.startswith("AWS_"))):
     os.environ.pop(var, None)
+# No developer's ~/.aws and no instance-metadata probe: S3 clients see only what a test gives them.
+os.environ.update({"AWS_CONFIG_FILE": str(_HOME / "aws" / "config"),
+                   "AWS_SHARED_CREDENTIALS_FILE": str(_HOME / "aws" / "credentials"),
+                   "AWS_EC2_METADATA_DISABLED": "true"})
 
 # Small enough for seconds, large enough that every family, flaw and gate shows up; a tiny student.
 TINY = {"seeds.n": 30, "teacher.chunk_size": 8, "student.base": "tiny", "train.steps": 4,
@@ -94,6 +99,24 @@ def isomer_rows(n_seeds: int, seed: int = 0) -> list[dict]:
     teacher = make_teacher(params)
     return [teacher.isomer(s, teacher.extraction(s), d, 1) for s in procedural_seeds(params.seeds)
             for d in params.domains.train]
+
+
+def random_adapter(method: str, seed: int) -> None:
+    """An untrained LoRA adapter on models/base, saved where training saves `method`'s; its B matrices
+    are random (LoRA starts them at zero), so versions from different seeds really differ."""
+    import torch
+
+    from iga.params import load_params
+    from iga.train.student import load_student
+    from tasks.paths import adapter_dir
+
+    params = load_params("params.yaml")
+    model, tokenizer = load_student("models/base", params.lora, seed=seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.save_pretrained(adapter_dir(method))
+    tokenizer.save_pretrained(adapter_dir(method))
 
 
 def copy_project(dest: Path) -> None:

@@ -1,9 +1,10 @@
-"""Real Prefect and MLflow servers for tests, each a subprocess on a free loopback port.
+"""Real Prefect, MLflow and S3 (moto) servers for tests, each a subprocess on a free loopback port.
 
-All of a server's state (database, artifacts, log file) lives in the directory the caller gives.
-The server runs in its own session (process group), so on exit the whole group is stopped: first
-SIGTERM and a grace period, then SIGKILL for anything left. If the server dies or does not become
-healthy in time, the context manager raises with the tail of the server's log.
+All of a server's files (database, artifacts, log file) live in the directory the caller gives
+(moto keeps its buckets in memory). The server runs in its own session (process group), so on exit
+the whole group is stopped: first SIGTERM and a grace period, then SIGKILL for anything left. If the
+server dies or does not become healthy in time, the context manager raises with the tail of the
+server's log.
 """
 from __future__ import annotations
 
@@ -61,11 +62,14 @@ def prefect_server(home: Path) -> Iterator[str]:
 
 
 @contextmanager
-def mlflow_server(root: Path) -> Iterator[str]:
-    """`mlflow server` with a sqlite backend store and a proxied local artifact store under root.
+def mlflow_server(root: Path, artifacts_destination: str | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server` with a sqlite backend store under root and a proxied artifact store.
 
     Yields the tracking URI ("http://127.0.0.1:PORT"). Clients upload artifacts through the server
-    (`mlflow-artifacts:/` URIs), so they land in root/artifacts, never in the client's directory.
+    (`mlflow-artifacts:/` URIs), so they land in `artifacts_destination` (default root/artifacts;
+    e.g. "s3://bucket/path" with `env` = s3_client_env(endpoint)), never in the client's directory,
+    and clients need no credentials for that store. `env` is added to the server's environment.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -77,16 +81,43 @@ def mlflow_server(root: Path) -> Iterator[str]:
         # By default a sqlite-backed server also launches a huey job-runner process (GenAI jobs,
         # periodic tasks) with its queue in /dev/shm: not needed here and not hermetic.
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        **(env or {}),
     )
     # 127.0.0.1 is in the default --allowed-hosts / --cors-allowed-origins, so no security flags
     # are needed; one uvicorn worker instead of the default four keeps it light.
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1",
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]
+           "--serve-artifacts", "--artifacts-destination",
+           artifacts_destination or str(root / "artifacts")]
     url = f"http://127.0.0.1:{port}"
     with _running(cmd, env, cwd=root, log=root / "server.log", health_url=f"{url}/health"):
         yield url
+
+
+@contextmanager
+def s3_server(root: Path) -> Iterator[str]:
+    """moto's S3 API (`moto_server`), empty, with its log in root/server.log.
+
+    Yields the endpoint URL ("http://127.0.0.1:PORT"). State is in memory and dies with the server.
+    A subprocess rather than moto's in-process ThreadedMotoServer: moto's state is per process, so
+    each server starts empty. Any key pair is accepted; bucket names need at least 3 characters.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [str(BIN / "moto_server"), "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with _running(cmd, _env(), cwd=root, log=root / "server.log",
+                  health_url=f"{url}/moto-api/data.json"):
+        yield url
+
+
+def s3_client_env(endpoint: str) -> dict[str, str]:
+    """What an S3 client (boto3, dvc-s3, mlflow) needs to use `endpoint`: the standard variables
+    only (botocore reads the endpoint from AWS_ENDPOINT_URL); any key pair is accepted."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
 
 
 def _env(drop: tuple[str, ...] = (), **overrides: str) -> dict[str, str]:

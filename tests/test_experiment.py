@@ -5,15 +5,16 @@ import re
 from collections import Counter
 
 import pytest
-
+import yaml
 from conftest import ROOT, write_params
+
 from iga.errors import ConfigError
 from iga.eval.scores import DEPTHS
 from iga.experiment.variants import PHRASINGS, complete_groups, held_out, train_units
-from iga.io import write_jsonl
+from iga.io import read_jsonl, write_jsonl
 from iga.params import RunConfig, load_params
 from iga.report.tables import COMPARED, table3
-from tasks.paths import ACCEPTED, TABLES, experiment_result
+from tasks.paths import ACCEPTED, TABLES, TRAIN, experiment_result
 
 DOMAINS = ("mathematics", "medical", "legal", "science")
 
@@ -123,58 +124,85 @@ def test_table3_is_relative_to_erm():
     ("experiment.table2", ["iga", "missing"], "experiment.table2[1] must be a key of experiment.runs"),
     ("experiment.table1", ["erm", "irm"], "experiment.table1 must include iga"),
     ("methods.iga-factor-mask.projection", "chain_rule", "must be none when reconstruction is none"),
+    ("experiment.runner", "slurm", "experiment.runner must be one of ['local', 'ray']"),
+    ("experiment.ray", {"address": "head node", "resources": {"num_cpus": 1, "num_gpus": 0}},
+     "experiment.ray.address must be null (a local Ray instance), auto, host:port or ray://host:port"),
+    ("experiment.ray", {"address": "ray://10.0.0.1:10001", "resources": {"num_cpus": 0, "num_gpus": 0}},
+     "experiment.ray.resources.num_cpus must be >= 1"),
+    ("experiment.hparam_draws", 0, "experiment.hparam_draws must be >= 1"),
+    ("experiment.val_seeds", 0, "experiment.val_seeds must be >= 1"),
+    ("experiment.ranges", {"lr": {"lo": 1e-3, "hi": 1e-4, "scale": "log"}}, "experiment.ranges.lr must have lo < hi"),
+    ("experiment.ranges", {"irm.anneal_frac": {"lo": 0, "hi": 0.5, "scale": "log"}},
+     "experiment.ranges.irm.anneal_frac.lo must be > 0 on a log scale"),
+    ("experiment.ranges", {"iga.passes": {"lo": 1, "hi": 2, "scale": "linear"}}, "experiment.ranges.iga.passes must be "
+     "lr or <kind>.<float field of that kind>"),
+    ("experiment.ranges", {"sand_mask.tau": {"lo": 0.1, "hi": 1.0, "scale": "linear"}},
+     "experiment.ranges.sand_mask.tau.hi applied to methods.sand-mask.tau must be in (0, 1)"),
 ])
 def test_bad_experiment_params_name_the_key(tmp_path, key, value, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_params(write_params(tmp_path, {key: value}))
 
 
-def test_experiment_flow_runs_the_matrix_writes_the_tables_and_resumes(prefect_api_url, workdir):
+def test_experiment_flow_sweeps_selects_writes_the_tables_and_resumes(prefect_api_url, workdir):
     from mlflow.tracking import MlflowClient
 
     from flows.experiment import experiment_flow
     from flows.split import split_flow
     from flows.student import student_flow
+    from iga.experiment.sweep import hparams, select
 
-    write_params(workdir, {"experiment.seeds": [0, 1], "experiment.steps": 2, "experiment.eval_groups": 2,
-                           "experiment.max_new_tokens": 8, "experiment.cost_steps": 1,
-                           "experiment.table1": ["erm", "lora-sft", "cot-distill", "pcgrad", "iga"],
-                           "experiment.table2": ["iga-random-pairing", "iga-instance-split", "iga-n2"]})
+    settings = {"experiment.seeds": [0, 1], "experiment.steps": 2, "experiment.eval_groups": 2,
+                "experiment.max_new_tokens": 8, "experiment.cost_steps": 1, "experiment.hparam_draws": 2,
+                "experiment.table1": ["erm", "pcgrad", "iga"],
+                "experiment.table2": ["iga-random-pairing", "iga-instance-split", "iga-n2"]}
+    write_params(workdir, settings)
     write_jsonl(ACCEPTED, rows_for(30, DOMAINS + ("finance", "engineering")))  # 5 test seeds
     split_flow("params.yaml")  # the runs read the split stage's outputs, as `dvc repro experiment` gives them
     student_flow("params.yaml")
     experiment_flow("params.yaml")
-    names = ["erm", "lora-sft", "cot-distill", "pcgrad", "iga", "iga-random-pairing", "iga-instance-split", "iga-n2"]
-    results = {(n, s): json.loads(experiment_result(n, s).read_text()) for n in names for s in (0, 1)}
+    params = load_params("params.yaml")
+    pairs = [(n, d, s) for n in ("erm", "pcgrad", "iga") for d in (0, 1) for s in (0, 1)] + \
+        [(n, 0, s) for n in ("iga-random-pairing", "iga-instance-split", "iga-n2") for s in (0, 1)]
+    results = {k: json.loads(experiment_result(*k).read_text()) for k in pairs}
     assert all(len(r["history"]) == 2 and r["eval"]["n_id"] == 8 and r["eval"]["n_ood"] == 4
                for r in results.values())  # generated: 2 test seeds; NLL and LCS: every test seed
     assert all(r["eval"]["nll_n_seeds"] == r["eval"]["lcs_groups"] == 5 for n, r in results.items()
                if n[0] != "iga-instance-split")
-    assert results[("erm", 0)]["params_hash"] != results[("erm", 1)]["params_hash"]
-    assert not list((workdir / "experiments").glob("runs/*/*.checkpoints"))  # finished runs keep no checkpoint
+    assert len({r["params_hash"] for r in results.values()}) == len(pairs)
+    # the draws: 0 the configured values, 1 random from the ranges; each run validated on the held-out seeds
+    assert results[("iga", 0, 0)]["hparams"] == {"lr": params.train.lr, "tau": params.methods["iga"].tau}
+    assert results[("iga", 1, 1)]["hparams"] == hparams(params, "iga", 1) != results[("iga", 0, 1)]["hparams"]
+    assert all(r["validation"]["n"] == 4 * len(DOMAINS) for r in results.values())
+    train_groups = len({r["group_id"] for r in read_jsonl(TRAIN)})
+    assert results[("erm", 0, 0)]["train"]["units_train"] == train_groups - 4  # the validation seeds left training
+    assert not list((workdir / "experiments").glob("runs/*/*/*.checkpoints"))  # finished runs keep no checkpoint
     t1, t2, t3 = (TABLES[n].read_text() for n in (1, 2, 3))
-    assert all(f"| {n} |" in t1 for n in names[:5]) and "wins" in t1 and "iga vs" in t1
+    assert all(f"| {n} |" in t1 for n in ("erm", "pcgrad", "iga")) and "wins" in t1 and "iga vs" in t1
     assert "Holm" in t1 and "p_H" in t1 and "Minimum detectable difference" in t1
     assert re.search(r"\| erm \| [^|]+ \| [\d.]+ \[[\d.]+, [\d.]+\] \|", t1)  # every figure with its interval
-    assert "| iga-n2 | domains mathematics, legal |" in t2 and "instance-level split" in t2
+    assert "model selection: training-domain validation, 2 draws per method" in t1 and "## Model selection" in t1
+    chosen = select(r for k, r in results.items() if k[0] in ("erm", "pcgrad", "iga"))
+    for (name, seed), r in chosen.items():  # the selection table names each (run, seed)'s selected draw
+        assert f"| {name} | {seed} | {r['draw']} |" in t1
+    assert "| iga-n2 | domains mathematics, legal |" in t2 and "instance-level split" in t2 and "(draw 0)" in t2
     assert all(f"| {m} |" in t3 for m in ("erm", "pcgrad", "iga")) and "| erm | " in t3 and "1.00×" in t3
     assert (workdir / "reports/experiment/summary.md").is_file()
     client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
     parent = json.loads((workdir / "experiments/parent.json").read_text())["mlflow_run_id"]
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent}'")
-    assert len(children) == 16 and {c.info.status for c in children} == {"FINISHED"}
+    assert len(children) == len(pairs) and {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.params["draw"] for c in children} == {"0", "1"} and "val_accuracy" in children[0].data.metrics
     assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/table1.md", "report/table3.md"}
 
-    # resumable: a re-run trains nothing; a changed run reruns alone
+    # resumable per draw: a re-run trains nothing; a changed range reruns only the draws it reaches
     mtimes = {k: experiment_result(*k).stat().st_mtime_ns for k in results}
-    write_params(workdir, {"experiment.seeds": [0, 1], "experiment.steps": 2, "experiment.eval_groups": 2,
-                           "experiment.max_new_tokens": 8, "experiment.cost_steps": 1,
-                           "experiment.table1": ["erm", "lora-sft", "cot-distill", "pcgrad", "iga"],
-                           "experiment.table2": ["iga-random-pairing", "iga-instance-split", "iga-n2"],
-                           "methods.pcgrad": {"kind": "pareto_gs"}})
+    write_params(workdir, settings | {"experiment.ranges": {**yaml.safe_load((workdir / "params.yaml").read_text())
+                                                                ["experiment"]["ranges"],
+                                                                "iga.tau": {"lo": 0.01, "hi": 0.02, "scale": "log"}}})
     experiment_flow("params.yaml")
     changed = {k for k in results if experiment_result(*k).stat().st_mtime_ns != mtimes[k]}
-    assert changed == {("pcgrad", 0), ("pcgrad", 1)}
+    assert changed == {("iga", 1, 0), ("iga", 1, 1)}
     assert len(client.search_runs([client.get_run(parent).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent}'")) == 18
+                                  f"tags.mlflow.parentRunId = '{parent}'")) == len(pairs) + 2

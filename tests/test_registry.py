@@ -6,10 +6,9 @@ import json
 import shutil
 
 import pytest
-import torch
 from prefect import flow
 
-from conftest import isomer_rows
+from conftest import isomer_rows, random_adapter
 from iga.errors import ConfigError, DataError
 from iga.io import write_jsonl
 from iga.params import load_params
@@ -115,19 +114,6 @@ def registry(workdir, monkeypatch, tiny_base, prefect_api_url):
     mlflow.set_tracking_uri(None)
 
 
-def _adapter(method: str, seed: int) -> None:
-    from iga.train.student import load_student
-    from tasks.paths import adapter_dir
-
-    params = load_params("params.yaml")
-    model, tokenizer = load_student("models/base", params.lora, seed=seed)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    model.save_pretrained(adapter_dir(method))
-    tokenizer.save_pretrained(adapter_dir(method))
-
-
 def _lifecycle(methods: list[str]) -> dict:
     """Evaluate each method's adapter, then register and promote, as the lifecycle does."""
     from iga.report.report import RunResult
@@ -146,8 +132,8 @@ def _lifecycle(methods: list[str]) -> dict:
 
 def test_the_registry_moves_only_on_evidence_and_rescores_a_stale_champion(registry):
     client = registry
-    _adapter("erm", 0)
-    _adapter("iga", 1)
+    random_adapter("erm", 0)
+    random_adapter("iga", 1)
     first = _lifecycle(["erm", "iga"])
     erm_v, iga_v = first["versions"]["erm"], first["versions"]["iga"]
     champion = client.get_model_version_by_alias("iga-student", "champion")
@@ -169,7 +155,7 @@ def test_the_registry_moves_only_on_evidence_and_rescores_a_stale_champion(regis
     old_key = champion.tags["eval_key"]
     write_jsonl("data/split/ood.jsonl", [dict(r, domain="engineering") for r in isomer_rows(3)
                                          if r["domain"] == "mathematics"])
-    _adapter("iga", 2)
+    random_adapter("iga", 2)
     third = _lifecycle(["iga"])
     champion = client.get_model_version("iga-student", erm_v)
     new_key = eval_key(load_params("params.yaml"))
@@ -184,12 +170,12 @@ def test_a_failed_evaluation_moves_nothing(registry):
     from tasks.paths import scores_file
 
     client = registry
-    _adapter("erm", 0)
-    _adapter("iga", 1)
+    random_adapter("erm", 0)
+    random_adapter("iga", 1)
     _lifecycle(["erm", "iga"])
     before = client.get_model_version_by_alias("iga-student", "champion").version
     versions = len(client.search_model_versions("name = 'iga-student'"))
-    _adapter("iga", 3)
+    random_adapter("iga", 3)
     from iga.report.report import RunResult
     from tasks.evaluate import evaluate_method
     from tasks.registry import register
@@ -210,7 +196,7 @@ def test_a_failed_evaluation_moves_nothing(registry):
 
 def test_metric_tags_follow_the_latest_evaluation(registry):
     client = registry
-    _adapter("erm", 0)
+    random_adapter("erm", 0)
     first = _lifecycle(["erm"])
     version = client.get_model_version("iga-student", first["versions"]["erm"])
     metrics = json.loads(open("metrics/eval/erm.json").read())

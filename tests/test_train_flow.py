@@ -99,3 +99,30 @@ def test_unknown_method_is_one_clear_error(trainable_dir, prefect_api_url):
                           timeout=300)
     assert proc.returncode == 2
     assert "error: params: no method 'nope' under methods" in proc.stderr
+
+
+def test_two_ranks_write_the_single_process_adapter(trainable_dir, prefect_api_url):
+    """`train.nproc: 2` makes `python -m flows.train` (the DVC stage's command) start torchrun; its adapter
+    equals the single process's on the same global batch, and a batch that does not divide is refused."""
+    from flows.train import train_flow
+
+    write_params(trainable_dir, {"train.steps": 3, "train.groups_per_batch": 2})
+    train_flow("params.yaml", method="iga")
+    single = load_file(adapter_dir("iga") / "adapter_model.safetensors")
+    assert json.loads(train_metrics("iga").read_text())["world_size"] == 1
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    write_params(trainable_dir, {"train.steps": 3, "train.groups_per_batch": 2, "train.nproc": 2})
+    done = subprocess.run([sys.executable, "-m", "flows.train", "iga"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = load_file(adapter_dir("iga") / "adapter_model.safetensors")
+    for name, a in single.items():
+        assert (ranks[name] - a).norm() <= 1e-4 * a.norm(), name
+    assert json.loads(train_metrics("iga").read_text())["world_size"] == 2
+
+    write_params(trainable_dir, {"train.steps": 3, "train.groups_per_batch": 3})
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "flows.train", "iga"], env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0
+    assert "error: train.groups_per_batch = 3 does not divide evenly among 2 ranks" in refused.stderr

@@ -164,3 +164,19 @@ def table3(cost: dict[str, Any]) -> str:
         markdown(["Method", "Step time (s)", "× ERM", "Peak memory (MB)", "× ERM"], rows),
         f"*{', '.join(same)} train ERM on other data: per batch they cost what ERM costs.*" if same else "",
     ]).rstrip() + "\n"
+
+
+def selection_table(selected: dict[str, Sequence[dict[str, Any]]], draws: int, rule: str) -> str:
+    """Which hyperparameter draw each run selected for each training seed, with the draw's values and its
+    validation figures (the results of iga.experiment.sweep.select, in Table 1's order)."""
+    rows = [[name, str(r["seed"]), str(r["draw"]), ", ".join(f"{k} {v:.4g}" for k, v in r["hparams"].items()) or "–",
+             f"{100 * r['validation']['accuracy']:.1f}", f"{r['validation']['nll']:.3f}"]
+            for name, results in selected.items() for r in results]
+    return "\n\n".join([
+        "## Model selection",
+        f"*{rule.capitalize()}, as DomainBed selects: {draws} draws per method (draw 0: the configured "
+        "hyperparameters; draws 1 and up: random from `experiment.ranges`), each trained with every seed; for each "
+        "training seed the draw with the highest accuracy on the validation problems (training-domain instances of "
+        "training seeds held out of every run's training) is selected, ties going to the lower validation NLL, then "
+        "to the lower draw. The figures above are those of the selected runs, one per training seed.*",
+        markdown(["Run", "Seed", "Draw", "Hyperparameters", "Val. acc. (%)", "Val. NLL"], rows)]) + "\n"

@@ -1,5 +1,5 @@
-"""The training loop, top to bottom: micro-batches → method.step → AdamW with warm-up + cosine,
-checkpoints, resume, and a hard stop on a non-finite loss."""
+"""The training loop, top to bottom: micro-batches → method.step → (data-parallel: the ranks' gradient
+shares summed) → AdamW with warm-up + cosine, checkpoints, resume, and a hard stop on a non-finite loss."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +16,7 @@ from iga.errors import TrainingError
 from iga.hardware import resolve_precision
 from iga.io import atomic_file
 from iga.params import TrainParams
+from iga.train.distributed import World
 from iga.train.methods import Method
 from iga.train.sft import Batch
 
@@ -61,13 +62,16 @@ def resume_point(checkpoint_dir: Path, fingerprint: str) -> tuple[int, dict[str,
 
 def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int], list[Batch]], tp: TrainParams,
           checkpoint_dir: Path, fingerprint: str, device: torch.device,
-          on_step: Callable[[dict[str, float]], None] | None = None, extra_state: dict[str, Any] | None = None
-          ) -> list[dict[str, float]]:
+          on_step: Callable[[dict[str, float]], None] | None = None, extra_state: dict[str, Any] | None = None,
+          world: World = World()) -> list[dict[str, float]]:
     """Run `tp.steps` optimizer steps, resuming from `checkpoint_dir` when it holds this run's state.
 
     `micro_batches(step)` gives that step's micro-batches (a pure function of the step, so a resumed
     run sees the same data). `extra_state` is stored with each checkpoint (the caller keeps e.g. its
     tracking run id there; `resume_point` reads it back). Returns the per-step history.
+    Data-parallel (`world`), `micro_batches` gives this rank's share and the method the global losses;
+    every rank then holds the same parameters and optimizer state, and rank 0 alone writes checkpoints
+    and sends its checkpoint to the others on resume (the state is the same whatever the number of ranks).
     """
     params = trainable(model)
     optimizer = torch.optim.AdamW(params.values(), lr=tp.lr, betas=(tp.beta1, tp.beta2), weight_decay=tp.weight_decay)
@@ -75,7 +79,8 @@ def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int],
     path = checkpoint_dir / CHECKPOINT
     history: list[dict[str, float]] = []
     start, saved = 0, None  # saved: the step the checkpoint on disk resumes at
-    state = load_checkpoint(path, fingerprint)
+    # rank 0's checkpoint for every rank: on several machines only rank 0's disk holds it
+    state = world.share(load_checkpoint(path, fingerprint) if world.main else None)
     if state is not None:
         with torch.no_grad():
             for name, value in state["params"].items():
@@ -85,6 +90,7 @@ def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int],
         history, start = state["history"], state["step"]
         saved = start
         log.info("resumed from %s at step %d", path, start)
+    world.broadcast(list(params.values()))  # every rank starts from rank 0's weights, as DDP does
     bf16 = resolve_precision(tp.precision, device) == "bfloat16"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     model.train()
@@ -102,6 +108,7 @@ def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int],
         if not math.isfinite(totals["loss"]):
             kept = f"the last good checkpoint {path} (step {saved}) is kept" if saved is not None else "no checkpoint yet"
             raise TrainingError(f"step {step}: the loss is {totals['loss']}; stopping ({kept})")
+        world.sum_grads(list(params.values()))
         for p in params.values():
             if p.grad is not None and len(micro) > 1:
                 p.grad /= len(micro)
@@ -113,7 +120,7 @@ def train(model: torch.nn.Module, method: Method, micro_batches: Callable[[int],
         history.append(record)
         if on_step is not None:
             on_step(record)
-        if (step + 1) % tp.checkpoint_every == 0 or step + 1 == tp.steps:
+        if world.main and ((step + 1) % tp.checkpoint_every == 0 or step + 1 == tp.steps):
             save_checkpoint(path, {"fingerprint": fingerprint, "step": step + 1, "history": history,
                                    "extra": extra_state or {},
                                    "params": {n: p.detach().cpu() for n, p in params.items()},

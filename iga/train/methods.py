@@ -2,7 +2,9 @@
 
 `Method.step(batch)` runs forward and backward on one micro-batch, ADDS the gradients of the
 trainable (LoRA) parameters into their `.grad` (so the trainer can accumulate micro-batches), and
-returns scalar metrics. The trainer owns the optimizer.
+returns scalar metrics. The trainer owns the optimizer. Under data parallelism (iga/train/distributed.py)
+the batch is this rank's share, the losses and metrics are the global ones, and `.grad` gets this
+rank's share of the global gradient.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from iga import combine
 from iga.core import conflict_mask, lora_factor_grads, normalized_variance, project_to_lora, reconstruct
 from iga.errors import ConfigError
 from iga.params import AndMaskConfig, IGAConfig, MethodConfig, PenaltyConfig, SandMaskConfig, VCDConfig
+from iga.train.distributed import World
 from iga.train.pergrad import LoraLayer, lora_layers, per_domain_gradients
 from iga.train.sft import IGNORE, Batch
 from iga.train.vcd import line_weight, newline_ids, propose_lines, token_lines
@@ -47,14 +50,19 @@ def forward_losses(model: nn.Module, batch: Batch, hidden_states: bool = False, 
     return sums, labelled.sum(dim=1), out.hidden_states if hidden_states else None
 
 
-def domain_means(sums: Tensor, counts: Tensor, n_domains: int) -> Tensor:
-    """Each domain's mean token loss (N,), from a domain-major batch."""
-    return sums.view(n_domains, -1).sum(dim=1) / counts.view(n_domains, -1).sum(dim=1).clamp(min=1)
+def domain_means(sums: Tensor, counts: Tensor, n_domains: int, world: World = World()) -> Tensor:
+    """Each domain's mean token loss (N,) over all ranks' rows, from a domain-major batch."""
+    return world.sum(sums.view(n_domains, -1).sum(dim=1)) / world.sum(counts.view(n_domains, -1).sum(dim=1)).clamp(min=1)
+
+
+def token_mean(sums: Tensor, counts: Tensor, world: World) -> Tensor:
+    """The mean token loss over all ranks' rows."""
+    return world.sum(sums.sum()) / world.sum(counts.sum()).clamp(min=1)
 
 
 class Method:
-    def __init__(self, model: nn.Module, config: MethodConfig, domains: tuple[str, ...]):
-        self.model, self.config, self.domains = model, config, domains
+    def __init__(self, model: nn.Module, config: MethodConfig, domains: tuple[str, ...], world: World = World()):
+        self.model, self.config, self.domains, self.world = model, config, domains, world
 
     def begin_step(self, step: int, total: int) -> bool:
         """Called before each optimizer step; True asks the trainer to reset the optimizer's moments."""
@@ -72,17 +80,17 @@ class ERM(Method):
 
     def step(self, batch: Batch) -> dict[str, float]:
         sums, counts = token_losses(self.model, batch)
-        loss = sums.sum() / counts.sum().clamp(min=1)
+        loss = token_mean(sums, counts, self.world)
         loss.backward()
-        return {"loss": loss.item(), **self._domain_metrics(domain_means(sums, counts, batch.n_domains))}
+        return {"loss": loss.item(), **self._domain_metrics(domain_means(sums, counts, batch.n_domains, self.world))}
 
 
 class Penalty(Method):
     """IRM and V-REx (DomainBed): the mean per-domain loss plus weight x an invariance penalty."""
     config: PenaltyConfig
 
-    def __init__(self, model: nn.Module, config: PenaltyConfig, domains: tuple[str, ...]):
-        super().__init__(model, config, domains)
+    def __init__(self, model: nn.Module, config: PenaltyConfig, domains: tuple[str, ...], world: World = World()):
+        super().__init__(model, config, domains, world)
         self.weight = 1.0
 
     def begin_step(self, step: int, total: int) -> bool:
@@ -93,7 +101,7 @@ class Penalty(Method):
     def step(self, batch: Batch) -> dict[str, float]:
         n = batch.n_domains
         if self.config.kind == "vrex":
-            per_domain = domain_means(*token_losses(self.model, batch), n)
+            per_domain = domain_means(*token_losses(self.model, batch), n, self.world)
             penalty = combine.vrex_penalty(per_domain)
         else:
             per_domain, penalty = self._irm(batch)
@@ -115,9 +123,10 @@ class Penalty(Method):
                                reduction="none").view(labels.shape)
         labelled = labels != IGNORE
         even = labelled & (torch.arange(labels.shape[1], device=labels.device) % 2 == 0)
-        halves = [domain_means((loss * part).sum(dim=1), part.sum(dim=1), n) for part in (even, labelled & ~even)]
-        per_domain = domain_means(loss.sum(dim=1), labelled.sum(dim=1), n)
-        return per_domain, combine.irm_penalty(*halves, scale)
+        halves = [domain_means((loss * part).sum(dim=1), part.sum(dim=1), n, self.world)
+                  for part in (even, labelled & ~even)]
+        per_domain = domain_means(loss.sum(dim=1), labelled.sum(dim=1), n, self.world)
+        return per_domain, combine.irm_penalty(*halves, scale, total=self.world.sum)
 
 
 def _stash_lora_grads(layers: list[LoraLayer]) -> dict[nn.Parameter, Tensor | None]:
@@ -130,21 +139,29 @@ def _stash_lora_grads(layers: list[LoraLayer]) -> dict[nn.Parameter, Tensor | No
 
 
 def _add_lora_grads(new: dict[nn.Parameter, Tensor], stash: dict[nn.Parameter, Tensor | None]) -> None:
-    """The method's own LoRA gradients replace autograd's, added to what was accumulated before."""
-    for param, grad in new.items():
-        before = stash[param]
-        param.grad = grad.to(param.dtype) if before is None else before + grad.to(param.dtype)
+    """The method's own LoRA gradients replace autograd's, added to what was accumulated before. A
+    parameter missing from `new` (a module another rank owns) keeps only what was accumulated."""
+    for param, before in stash.items():
+        grad = new.get(param)
+        if grad is None:
+            param.grad = before
+        else:
+            param.grad = grad.to(param.dtype) if before is None else before + grad.to(param.dtype)
 
 
 class GradientRule(Method):
     """PCGrad, AND-mask, SAND-mask and Pareto-GS: each domain's gradient of the LoRA parameters from
     the one-pass per-domain engine (chain rule from the full-weight G_n), combined by iga/combine.py.
     The masks act per LoRA tensor (as DomainBed's per parameter); PCGrad and MGDA see all of them
-    flattened into one vector."""
+    flattened into one vector. Data-parallel: each module's per-domain LoRA gradients (LoRA-sized, N of
+    them) are summed onto the rank that owns it, round-robin for the masks; PCGrad and MGDA need every
+    module at once, so rank 0 owns all (their rule is LoRA-sized, cheap beside the forward and backward)."""
 
-    def __init__(self, model: nn.Module, config: MethodConfig, domains: tuple[str, ...]):
-        super().__init__(model, config, domains)
+    def __init__(self, model: nn.Module, config: MethodConfig, domains: tuple[str, ...], world: World = World()):
+        super().__init__(model, config, domains, world)
         self.layers = lora_layers(model)
+        per_tensor = isinstance(config, (AndMaskConfig, SandMaskConfig))
+        self.owners = {layer.name: world.owner(i) if per_tensor else 0 for i, layer in enumerate(self.layers)}
 
     def _combine(self, per_domain: dict[nn.Parameter, Tensor], seed: int) -> dict[nn.Parameter, Tensor]:
         c = self.config
@@ -164,13 +181,17 @@ class GradientRule(Method):
 
         def collect(layer: LoraLayer, G: Tensor) -> None:
             A, B = layer.A.detach().float(), layer.B.detach().float()
-            per_domain[layer.A], per_domain[layer.B] = lora_factor_grads(G, None, A, B, layer.scaling, "none")
+            owner = self.owners[layer.name]
+            for param, grads in zip((layer.A, layer.B), lora_factor_grads(G, None, A, B, layer.scaling, "none")):
+                total = self.world.reduce_to(grads, owner)  # linear in G: the ranks' shares add up
+                if total is not None:
+                    per_domain[param] = total
 
         with per_domain_gradients(self.layers, n, collect):
-            losses = domain_means(*token_losses(self.model, batch), n)
+            losses = domain_means(*token_losses(self.model, batch), n, self.world)
             losses.mean().backward()
         with torch.autocast(batch.input_ids.device.type, enabled=False):
-            _add_lora_grads(self._combine(per_domain, batch.seed), stash)
+            _add_lora_grads(self._combine(per_domain, batch.seed) if per_domain else {}, stash)
         return {"loss": losses.mean().item(), **self._domain_metrics(losses)}
 
 
@@ -189,6 +210,16 @@ class _MaskStats:
         self.below_half += int((mask < 0.5).sum())
         self.vhat_sum += float(vhat.sum())
 
+    def reduce(self, world: World) -> None:
+        """Every rank's statistics summed: each saw only the modules it owns."""
+        if world.size == 1:
+            return
+        t = world.sum(torch.tensor([self.elements, self.mask_sum, self.below_half, self.vhat_sum,
+                                    sum(self.residuals), len(self.residuals)], dtype=torch.float64))
+        self.elements, self.below_half = int(t[0]), int(t[2])
+        self.mask_sum, self.vhat_sum = float(t[1]), float(t[3])
+        self.residuals = [float(t[4] / t[5])] if t[5] else []
+
     def metrics(self) -> dict[str, float]:
         out = {"mask_mean": self.mask_sum / self.elements, "mask_frac_below_half": self.below_half / self.elements,
                "vhat_mean": self.vhat_sum / self.elements}
@@ -199,11 +230,15 @@ class _MaskStats:
 
 class IGA(Method):
     """Invariant Gradient Alignment (paper Algorithm 1), module by module:
-    per-domain gradients → reconstruction → conflict mask → masked mean → rank-r projection."""
+    per-domain gradients → reconstruction → conflict mask → masked mean → rank-r projection.
+    Data-parallel, sharded by module: each module's full-weight per-domain gradients (N × out × in) are
+    summed onto the one rank that owns it (round-robin), which alone runs the mask and the SVD; the
+    LoRA-sized results reach every rank through the trainer's all-reduce. IGA's extra compute and memory
+    per rank shrink with the number of ranks instead of repeating on each."""
     config: IGAConfig
 
-    def __init__(self, model: nn.Module, config: IGAConfig, domains: tuple[str, ...]):
-        super().__init__(model, config, domains)
+    def __init__(self, model: nn.Module, config: IGAConfig, domains: tuple[str, ...], world: World = World()):
+        super().__init__(model, config, domains, world)
         self.layers = lora_layers(model)
         self.index = {layer.name: i for i, layer in enumerate(self.layers)}
 
@@ -241,11 +276,13 @@ class IGA(Method):
         stash = _stash_lora_grads(self.layers)
 
         def combine(layer: LoraLayer, G: Tensor) -> None:
-            grads[layer.name] = self._combine(layer, G, batch.seed, stats)
+            total = self.world.reduce_to(G, self.world.owner(self.index[layer.name]))
+            if total is not None:
+                grads[layer.name] = self._combine(layer, total, batch.seed, stats)
 
         if self.config.passes == "one":
             with per_domain_gradients(self.layers, n, combine):
-                per_domain = domain_means(*token_losses(self.model, batch), n)
+                per_domain = domain_means(*token_losses(self.model, batch), n, self.world)
                 per_domain.mean().backward()
         else:  # the paper's way: one forward+backward per domain, every module's N buffers held at once
             collected: dict[str, list[Tensor]] = {layer.name: [] for layer in self.layers}
@@ -255,14 +292,15 @@ class IGA(Method):
                 part = slice(d * rows, (d + 1) * rows)
                 sub = Batch(batch.input_ids[part], batch.attention_mask[part], batch.labels[part], 1, batch.seed)
                 with per_domain_gradients(self.layers, 1, lambda layer, G: collected[layer.name].append(G[0])):
-                    loss = domain_means(*token_losses(self.model, sub), 1)[0]
+                    loss = domain_means(*token_losses(self.model, sub), 1, self.world)[0]
                     loss.backward()
                 losses.append(loss.detach())
             for layer in self.layers:
                 combine(layer, torch.stack(collected.pop(layer.name)))
             per_domain = torch.stack(losses)
-        _add_lora_grads({param: new for layer in self.layers for param, new in zip((layer.A, layer.B), grads[layer.name])},
-                        stash)
+        _add_lora_grads({param: new for layer in self.layers if layer.name in grads
+                         for param, new in zip((layer.A, layer.B), grads[layer.name])}, stash)
+        stats.reduce(self.world)
         return {"loss": per_domain.mean().item(), **self._domain_metrics(per_domain), **stats.metrics()}
 
 
@@ -274,8 +312,8 @@ class VCD(Method):
     config: VCDConfig
 
     def __init__(self, model: nn.Module, config: VCDConfig, domains: tuple[str, ...], tokenizer: Any = None,
-                 verifier: Any = None):
-        super().__init__(model, config, domains)
+                 verifier: Any = None, world: World = World()):
+        super().__init__(model, config, domains, world)
         if tokenizer is None or verifier is None:
             raise ConfigError("method kind vcd needs the student's tokenizer and a step verifier (iga.data.verify)")
         self.tokenizer, self.verifier = tokenizer, verifier
@@ -326,11 +364,11 @@ class VCD(Method):
                               "not encoded with iga.train.sft.encode")
         w = torch.tensor(weights, dtype=torch.float32, device=batch.labels.device)
         sums, counts, _ = forward_losses(self.model, batch, weights=w)
-        loss = sums.sum() / counts.sum().clamp(min=1)
+        loss = token_mean(sums, counts, self.world)
         loss.backward()
         flat_t = [v for vt in v_teacher for v in vt]
         flat_s = [v for vs in v_student for v in vs]
-        return {"loss": loss.item(), **self._domain_metrics(domain_means(sums, counts, batch.n_domains)),
+        return {"loss": loss.item(), **self._domain_metrics(domain_means(sums, counts, batch.n_domains, self.world)),
                 "weight_mean": float(w.mean()), "v_teacher": sum(flat_t) / len(flat_t),
                 "v_student": sum(flat_s) / len(flat_s), "proposal_s": proposal_s}
 
@@ -341,8 +379,8 @@ METHODS: dict[str, type[Method]] = {"erm": ERM, "iga": IGA, "irm": Penalty, "vre
 
 
 def build_method(config: MethodConfig, model: nn.Module, domains: tuple[str, ...], tokenizer: Any = None,
-                 verifier: Any = None) -> Method:
+                 verifier: Any = None, world: World = World()) -> Method:
     """The method of `config`; VCD also reads the student's text (tokenizer) and verifies steps (verifier)."""
     if isinstance(config, VCDConfig):
-        return VCD(model, config, domains, tokenizer, verifier)
-    return METHODS[config.kind](model, config, domains)
+        return VCD(model, config, domains, tokenizer, verifier, world)
+    return METHODS[config.kind](model, config, domains, world)

@@ -77,7 +77,7 @@ def per_domain_gradients(layers: list[LoraLayer], n_domains: int,
                 with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                     xs = x.reshape(n_domains, -1, x.shape[-1]).float()
                     ds = delta.reshape(n_domains, -1, delta.shape[-1]).float()
-                    on_module(layer, n_domains * (ds.transpose(1, 2) @ xs))
+                    on_module(layer, (ds.transpose(1, 2) @ xs).mul_(n_domains))  # in place: one buffer, not two
 
             output.register_hook(grad_hook)
         return hook

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from iga.errors import DataError
 from iga.params import TrainParams
+from iga.train.distributed import World
 
 SYSTEM_PROMPT = "Solve the problem step by step, one step per line, and end with 'Answer: <answer>'."
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
@@ -119,13 +120,15 @@ class GroupSampler:
         return [int(self._perm(i // self.n)[i % self.n]) for i in range(j * self.k, (j + 1) * self.k)]
 
 
-def batcher(groups: list[list[Encoded]], tp: TrainParams, per_batch: int, pad_id: int
+def batcher(groups: list[list[Encoded]], tp: TrainParams, per_batch: int, pad_id: int, world: World = World()
             ) -> Callable[[int], list[Batch]]:
-    """Step -> its micro-batches of `per_batch` groups each: a pure function of the step (resume-safe)."""
+    """Step -> its micro-batches of `per_batch` groups each: a pure function of the step (resume-safe).
+    Data-parallel, `per_batch` is the global micro-batch and each rank collates its equal share."""
     sampler = GroupSampler(len(groups), per_batch, tp.seed)
+    world.shard(list(range(per_batch)))  # refuses a global batch that does not divide among the ranks
 
     def micro_batches(step: int) -> list[Batch]:
-        return [collate([groups[i] for i in sampler(j)], pad_id, seed=tp.seed * 1_000_003 + j)
+        return [collate([groups[i] for i in world.shard(sampler(j))], pad_id, seed=tp.seed * 1_000_003 + j)
                 for j in range(step * tp.grad_accum, (step + 1) * tp.grad_accum)]
 
     return micro_batches

@@ -1,0 +1,137 @@
+"""The experiment as a sweep, DomainBed's way: random hyperparameter draws, a training-domain validation
+set, and model selection on it.
+
+- **Draws** (DomainBed's hparams_registry): draw 0 of a method is its configured hyperparameters
+  (`methods.<name>`, `train.lr`); draw k ≥ 1 takes each hyperparameter that `experiment.ranges` names
+  for the method's kind at random from its range, log-uniform or uniform, with a generator seeded by
+  (method, k, hyperparameter) — the same values on every machine and in every re-run, and adding a
+  range leaves the other hyperparameters' draws alone. Unlike DomainBed, whose draws also depend on
+  the trial seed, a draw here is the same for every training seed: a draw is one configuration, run
+  once per seed.
+- **Validation** (DomainBed's holdout of each training environment): `experiment.val_seeds` seeds of
+  the training split, all their training-domain instances, held out of every run's training. The
+  test and OOD sets are never looked at.
+- **Selection** (DomainBed's `IIDAccuracySelectionMethod`, picked per trial and then averaged): for
+  each run and each training seed, the draw with the highest validation accuracy; ties go to the
+  lower validation NLL, then to the lower draw (the defaults first). The run's figures are those of
+  its selected (draw, seed) results, one per seed, with intervals over training seeds and test seeds:
+  the spread over seeds includes the selection's own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import random
+from typing import Any, Iterable, Mapping
+
+from iga.errors import DataError
+from iga.experiment.variants import complete_groups
+from iga.params import HparamRange, IGAConfig, MethodConfig, Params
+
+SELECTION = "training-domain validation"
+Row = dict[str, Any]
+
+
+def seed_hash(*args: Any) -> int:
+    """An integer seed from any values (DomainBed's misc.seed_hash): stable across processes and machines."""
+    return int(hashlib.md5(str(args).encode()).hexdigest(), 16) % 2**31
+
+
+def ranged(config: MethodConfig, ranges: Mapping[str, HparamRange]) -> dict[str, HparamRange]:
+    """The hyperparameters a draw of a method of this configuration takes at random: `lr`, and each
+    `<kind>.<field>` range of its kind (IGA's τ only where its mask uses τ)."""
+    out = {"lr": ranges["lr"]} if "lr" in ranges else {}
+    for name, r in ranges.items():
+        kind, _, field = name.partition(".")
+        if kind == config.kind and not (isinstance(config, IGAConfig) and field == "tau" and config.mask != "exp"):
+            out[field] = r
+    return out
+
+
+def sample(r: HparamRange, rng: random.Random) -> float:
+    """One value in [lo, hi], to 4 significant digits (readable in the tables, still inside the range)."""
+    if r.scale == "log":
+        value = 10 ** rng.uniform(math.log10(r.lo), math.log10(r.hi))
+    else:
+        value = rng.uniform(r.lo, r.hi)
+    return min(max(float(f"{value:.4g}"), r.lo), r.hi)
+
+
+def hparams(params: Params, method: str, draw: int) -> dict[str, float]:
+    """The values of the swept hyperparameters of `method` (a key of `methods`) in draw `draw`."""
+    config, ranges = params.methods[method], params.experiment.ranges
+    fields = ranged(config, ranges)
+    if draw == 0:
+        return {f: params.train.lr if f == "lr" else getattr(config, f) for f in fields}
+    return {f: sample(r, random.Random(seed_hash(method, draw, f))) for f, r in fields.items()}
+
+
+def drawn(params: Params, run: str, draw: int) -> Params:
+    """`params` as draw `draw` of experiment run `run` trains: its method's swept fields and train.lr replaced."""
+    method = params.experiment.runs[run].method
+    values = dict(hparams(params, method, draw))
+    lr = values.pop("lr", params.train.lr)
+    config = dataclasses.replace(params.methods[method], **values)
+    return dataclasses.replace(params, train=dataclasses.replace(params.train, lr=lr),
+                               methods={**params.methods, method: config})
+
+
+def draws(params: Params, run: str) -> range:
+    """The draws a run takes: all `experiment.hparam_draws` for Table 1's runs (the methods are compared
+    with the same search budget), draw 0 alone for Table 2's ablations (IGA with one thing changed at
+    the configured hyperparameters; a search over τ would undo the τ ablations)."""
+    ex = params.experiment
+    return range(ex.hparam_draws if run in ex.table1 else 1)
+
+
+def matrix(params: Params) -> list[tuple[str, int, int]]:
+    """Every (run, draw, seed) of Tables 1 and 2, draw by draw: a matrix stopped early has its defaults first."""
+    ex = params.experiment
+    runs = list(dict.fromkeys(ex.table1 + ex.table2))
+    return [(run, d, seed) for d in range(ex.hparam_draws) for run in runs if d in draws(params, run)
+            for seed in ex.seeds]
+
+
+def validation_seeds(train: Iterable[Row], n: int, train_domains: tuple[str, ...], seed: int, source: str
+                     ) -> frozenset[str]:
+    """`n` seeds of the (seed-level) training split with a complete isomer group, a sample seeded by `seed`."""
+    candidates = sorted({r["seed_id"] for r in complete_groups(list(train), train_domains)})
+    if n >= len(candidates):
+        raise DataError(f"{source}: experiment.val_seeds = {n} would hold out all {len(candidates)} training seeds "
+                        "with a complete isomer group; lower it")
+    return frozenset(random.Random(seed_hash("validation", seed)).sample(candidates, n))
+
+
+def hold_out(rows: Iterable[Row], seeds: frozenset[str], train_domains: tuple[str, ...]) -> tuple[list[Row], list[Row]]:
+    """(the rows left to train on, the validation rows): every row of a validation seed leaves training;
+    its training-domain rows are the validation set."""
+    rows = list(rows)
+    return ([r for r in rows if r["seed_id"] not in seeds],
+            [r for r in rows if r["seed_id"] in seeds and r["domain"] in train_domains])
+
+
+def validation(correct: list[bool], nll: list[tuple[float, int]]) -> dict[str, float]:
+    """A run's validation figures: accuracy over the validation problems, mean per-token NLL of their gold
+    CoTs (each problem weighted alike, as the test NLL is)."""
+    if not correct:
+        raise DataError("an empty validation set: raise experiment.val_seeds")
+    return {"accuracy": sum(correct) / len(correct), "nll": sum(s / max(n, 1) for s, n in nll) / len(nll),
+            "n": len(correct)}
+
+
+def select(results: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], Mapping[str, Any]]:
+    """Training-domain validation: for each (run, training seed), the result of the draw with the best
+    validation accuracy; ties to the lower validation NLL, then to the lower draw. Results carry `run`,
+    `draw`, `seed` and `validation` ({accuracy, nll})."""
+    best: dict[tuple[str, int], Mapping[str, Any]] = {}
+    for r in results:
+        key = (r["run"], r["seed"])
+        if key not in best or _rank(r) < _rank(best[key]):
+            best[key] = r
+    return best
+
+
+def _rank(result: Mapping[str, Any]) -> tuple[float, float, int]:
+    v = result["validation"]
+    return -v["accuracy"], v["nll"], result["draw"]
