@@ -55,11 +55,19 @@ def lora_layers(model: nn.Module) -> list[LoraLayer]:
     return layers
 
 
+def at_least_fp32(t: Tensor) -> Tensor:
+    """`t` in float32, or as it is where its dtype is wider (float64): the IGA math and the losses run in
+    float32 under bf16 autocast, as `.float()` would give (the very tensor where it is float32 already),
+    and a float64 model (the data-parallel tests) stays float64 throughout."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 @contextmanager
 def per_domain_gradients(layers: list[LoraLayer], n_domains: int,
                          on_module: Callable[[LoraLayer, Tensor], None]) -> Iterator[None]:
     """While active, each backward pass calls `on_module(layer, G)` once per layer, G = (N, out, in)
-    in float32: the gradient of each domain's mean loss w.r.t. the layer's effective weight.
+    in float32 (float64 for a float64 model): the gradient of each domain's mean loss w.r.t. the layer's
+    effective weight.
 
     The batch must be domain-major with the same number of rows per domain, and the loss the mean
     of the per-domain mean losses.
@@ -75,8 +83,8 @@ def per_domain_gradients(layers: list[LoraLayer], n_domains: int,
             def grad_hook(delta: Tensor) -> None:
                 # fp32 even under bf16 autocast: these sums feed a variance and an SVD
                 with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                    xs = x.reshape(n_domains, -1, x.shape[-1]).float()
-                    ds = delta.reshape(n_domains, -1, delta.shape[-1]).float()
+                    xs = at_least_fp32(x.reshape(n_domains, -1, x.shape[-1]))
+                    ds = at_least_fp32(delta.reshape(n_domains, -1, delta.shape[-1]))
                     on_module(layer, (ds.transpose(1, 2) @ xs).mul_(n_domains))  # in place: one buffer, not two
 
             output.register_hook(grad_hook)
