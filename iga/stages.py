@@ -3,17 +3,17 @@ it runs. Everything that decides whether a result is still valid comes from here
 
 - dvc.yaml's `params:` and code `deps:` (tests/test_stages.py checks dvc.yaml against `dvc_params`
   and `dvc_code`);
-- a training checkpoint's fingerprint (`fingerprint`): resume only into the same computation;
+- a training checkpoint's fingerprint (`fingerprint`; `train-run` for the train stage, an experiment
+  pair's own stage for its checkpoint): resume only into the same computation;
 - an evaluation's params hash (`params_hash("evaluate", ...)`): metrics computed under another
   params.yaml are refused; the registry's evaluation key (`params_hash("scores", ...)`): a champion
-  scored on other problems or settings is scored again before a paired comparison;
-- the experiment's skip hash (`fingerprint(..., "experiment-run", ...)`): a finished (run, seed) is
-  not run again.
+  scored on other problems or settings is scored again before a paired comparison.
 
 A stage's code is the import closure, within this project, of its entry modules (read from the
 source, nothing imported), plus the data files that code reads. Params are sections or dotted keys;
-`${item}` is the method of a `foreach` stage; `exclude` drops settings that do not change what a
-stage computes (threads, checkpoint frequency, the list of methods to run).
+`${item}` is the method of a `foreach` stage, `${item.<field>}` a field of an experiment pair's item
+(experiments/pairs.yaml); `exclude` drops settings that do not change what a stage computes (threads,
+checkpoint frequency, the list of methods to run).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from iga.params import Params
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("iga", "tasks", "flows")
 ITEM = "${item}"
+RUN, METHOD, RANGES = "${item.run}", "${item.method}", "${item.ranges}"  # an experiment pair's (iga/experiment/pairs)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class Stage:
 # within 1e-4 of each tensor's norm, tests/test_distributed.py), as the thread count already does.
 _TRAIN_EXCLUDE = ("train.methods", "train.threads", "train.checkpoint_every", "train.nproc",
                   "train.collective_timeout_s")
+# A pair: its run and method, and what every pair shares (split: the instance-level ablation splits itself;
+# experiment.val_seeds: the validation seeds held out of training). A draw's values come from its number and,
+# for a random draw, the ranges it reads. Where pairs run (experiment.runner, ray) changes nothing.
+_PAIR = (f"experiment.runs.{RUN}", f"methods.{METHOD}", "experiment.steps", "experiment.eval_groups",
+         "experiment.max_new_tokens", "experiment.val_seeds", "domains", "split", "student", "lora", "train",
+         "eval.dtype", "eval.batch_size", "eval.nll_batch_size")
+_PAIR_EXCLUDE = (*_TRAIN_EXCLUDE, "train.seed", "train.steps")  # a pair sets both
 STAGES: dict[str, Stage] = {
     "seeds": Stage(("flows.seeds",), ("seeds",)),
     "isomers": Stage(("flows.isomers",), ("domains", "teacher"), files=("iga/data/teacher/prompts",)),
@@ -58,22 +66,20 @@ STAGES: dict[str, Stage] = {
                    exclude=_TRAIN_EXCLUDE, files=("iga/data/teacher/prompts",)),  # VCD's openai step verifier
     "evaluate": Stage(("flows.evaluate",), ("eval", "domains", "student.dtype", "train.device"),
                       exclude=("eval.threads",), after=("train",)),
-    "experiment": Stage(("flows.experiment",), ("experiment", "methods", "domains", "split", "student", "lora", "train",
-                                                "eval.dtype", "eval.batch_size", "eval.nll_batch_size"),
-                        exclude=(*_TRAIN_EXCLUDE, "experiment.runner", "experiment.ray")),  # where runs run
-    # Not DVC stages: what a checkpoint and a finished experiment run must match, and what makes two
-    # models' per-problem scores comparable (the same held-out rows, settings and base model).
+    # The experiment (docs/experiment.md): one stage per (run, draw, seed), draw 0 (`run`) or a random draw
+    # (`sweep`, which also reads the ranges it draws from); Table 3's step costs; the tables over all of them.
+    "run": Stage(("flows.run",), _PAIR, exclude=_PAIR_EXCLUDE),
+    "sweep": Stage(("flows.run",), (*_PAIR, "experiment.ranges.train", f"experiment.ranges.{RANGES}"),
+                   exclude=_PAIR_EXCLUDE),
+    "cost": Stage(("flows.cost",), ("experiment.cost_steps", "experiment.table1", "experiment.runs", "methods",
+                                    "domains.train", "student", "lora", "train"),
+                  exclude=tuple(k for k in _TRAIN_EXCLUDE if k != "train.threads")),  # threads change a step's time
+    "tables": Stage(("flows.tables",), ("experiment", "domains", "student.base", "train.groups_per_batch"),
+                    exclude=("experiment.cost_steps", "experiment.runner", "experiment.ray", "experiment.ranges")),
+    # Not DVC stages: what a checkpoint of the train stage must match, and what makes two models' per-problem
+    # scores comparable (the same held-out rows, settings and base model).
     "train-run": Stage(("iga.train.loop", "iga.train.methods", "iga.train.student", "iga.data.verify"),
                        (f"methods.{ITEM}", "domains.train", "student", "lora", "train"), exclude=_TRAIN_EXCLUDE),
-    "experiment-run": Stage(("iga.data.split", "iga.data.verify", "iga.train.loop", "iga.train.methods",
-                             "iga.train.student", "iga.experiment.variants", "iga.experiment.sweep",
-                             "iga.eval.evaluate"),
-                            # split: the instance-level ablation; verify: VCD's step verifier; sweep: the validation
-                            # seeds held out (a draw's values come in as the run's method and train.lr)
-                            (f"experiment.runs.{ITEM}", "domains", "split", "student", "lora", "train",
-                             "eval.dtype", "eval.batch_size", "eval.nll_batch_size", "experiment.eval_groups",
-                             "experiment.max_new_tokens", "experiment.steps", "experiment.val_seeds"),
-                            exclude=(*_TRAIN_EXCLUDE, "train.seed", "train.steps")),  # a run sets both
     "scores": Stage(("iga.eval.evaluate",), ("student", "eval"), exclude=("eval.threads", "eval.lcs_groups")),
 }
 
@@ -179,12 +185,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def params_values(stage: str, params: Params, item: str | None = None) -> dict[str, Any]:
+Item = str | dict[str, Any] | None  # a foreach item: a method name, or an experiment pair's fields
+
+
+def _resolve(key: str, item: Item) -> str:
+    if isinstance(item, dict):
+        for field, value in item.items():
+            key = key.replace(f"${{item.{field}}}", str(value))
+        return key
+    return key.replace(ITEM, item) if item is not None else key
+
+
+def params_values(stage: str, params: Params, item: Item = None) -> dict[str, Any]:
     """{key: value} of every param the stage's result depends on, its upstream stages' included."""
     values = {}
     for name in (*STAGES[stage].after, stage):
         for key in dvc_params(name):
-            key = key.replace(ITEM, item) if item is not None else key
+            key = _resolve(key, item)
             values[key] = _lookup(params, key)
     return values
 
@@ -193,13 +210,13 @@ def _digest(spec: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()
 
 
-def params_hash(stage: str, params: Params, item: str | None = None, **inputs: Any) -> str:
+def params_hash(stage: str, params: Params, item: Item = None, **inputs: Any) -> str:
     """The stage's params (and its upstream stages'), with `inputs` (data md5s, a run's seed, what `auto`
     settings resolved to on this machine), hashed: a result recorded under another hash was computed
     under another params.yaml or on other inputs."""
     return _digest({"params": params_values(stage, params, item), **inputs})[:16]
 
 
-def fingerprint(stage: str, params: Params, item: str | None = None, **inputs: Any) -> str:
+def fingerprint(stage: str, params: Params, item: Item = None, **inputs: Any) -> str:
     """What a checkpoint or a finished run must match: `params_hash`, and every byte of the stage's code."""
     return params_hash(stage, params, item, code=code_hash(stage), **inputs)

@@ -66,19 +66,26 @@ def eval_plot(method: str, name: str) -> Path:
 
 
 
-EXPERIMENT = Path("experiments")  # `flows.experiment`: one result per (run, seed), the parent MLflow run, costs
+EXPERIMENT = Path("experiments")  # the experiment's matrix: pairs.yaml, runs/ (committed), cost.json
+PAIRS = EXPERIMENT / "pairs.yaml"  # dvc.yaml's pair stages, generated from params.yaml (iga/experiment/pairs.py)
+RUNS = EXPERIMENT / "runs"  # every pair's outputs: what the tables stage reads
+COST = EXPERIMENT / "cost.json"  # Table 3's measurements (the cost stage)
 TABLES = {n: REPORTS / f"table{n}.md" for n in (1, 2, 3)}
 EXPERIMENT_REPORT = REPORTS / "experiment"  # Table 1's runs as summary.md and figures
 
 
-def experiment_result(run: str, draw: int, seed: int) -> Path:
-    """A finished (run, hyperparameter draw, seed)'s metrics, history and params hash (a matching hash is
-    skipped on re-runs)."""
-    return EXPERIMENT / "runs" / run / f"draw{draw}" / f"seed{seed}.json"
+def pair_outputs(run: str, draw: int, seed: int) -> dict[str, Path]:
+    """A finished (run, hyperparameter draw, seed), as its DVC stage declares it (small, committed to git):
+    `metrics` (summary, validation, hyperparameters, training, what ran), `scores` (every held-out problem),
+    `lcs` (every LCS group)."""
+    folder = RUNS / run / f"draw{draw}" / f"seed{seed}"
+    return {"metrics": folder / "metrics.json", "scores": folder / "scores.jsonl", "lcs": folder / "lcs.jsonl"}
 
 
-def experiment_checkpoints(run: str, draw: int, seed: int) -> Path:
-    return EXPERIMENT / "runs" / run / f"draw{draw}" / f"seed{seed}.checkpoints"
+def pair_checkpoints(key: str) -> Path:
+    """Outside the outputs (`dvc repro` deletes those before a stage reruns) and outside git; removed when
+    the pair finishes."""
+    return EXPERIMENT / "checkpoints" / key
 
 
 TEACHER_RANKING = REPORTS / "teachers.md"  # `flows.rank_teachers`: named teachers by dataset RSR under the student

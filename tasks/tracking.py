@@ -31,6 +31,20 @@ def mlflow_module():
     return mlflow
 
 
+def experiment_parent() -> str:
+    """The experiment's parent run: the oldest active run tagged `experiment = parent` in the tracking experiment,
+    created when there is none. The pair stages, Ray workers and the tables stage share no file, and may run on
+    other machines logging to the same server: each finds it by its tag. Delete it in MLflow to start anew."""
+    mlflow = mlflow_module()
+    found = mlflow.search_runs(filter_string="tags.experiment = 'parent'", order_by=["attributes.start_time ASC"],
+                               max_results=1, output_format="list")
+    if found:
+        return found[0].info.run_id
+    with mlflow.start_run(run_name="experiment") as run:
+        mlflow.set_tags({"experiment": "parent", "git_commit": git_commit()})
+    return run.info.run_id
+
+
 def check_reachable() -> None:
     """Fail in seconds, before any training, when the tracking server is down or mistyped."""
     uri = tracking_uri()

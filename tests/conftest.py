@@ -123,3 +123,5 @@ def copy_project(dest: Path) -> None:
     for name in ("iga", "tasks", "flows"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    (dest / "experiments").mkdir()
+    shutil.copy(ROOT / "experiments" / "pairs.yaml", dest / "experiments" / "pairs.yaml")  # dvc.yaml's vars

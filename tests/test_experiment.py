@@ -1,20 +1,36 @@
-"""The experiment: data variants, verdicts and tables, params checks, and `flows.experiment` end to end on
-real Prefect and MLflow with the tiny student (a re-run skips every finished run)."""
+"""The experiment: data variants, verdicts and tables, params checks, and the matrix end to end as DVC runs it
+(a git repository, real DVC, Prefect and MLflow, the tiny student): stopped after one pair and resumed in another
+clone from the committed outputs; Tables 1-3 with the sweep's selection; a re-run runs nothing; `dvc status`
+lists exactly the pairs a change reaches."""
+import contextlib
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import ROOT, write_params
+from conftest import ROOT, copy_project, write_params
 
-from iga.errors import ConfigError
+from iga.data.seeds import make_seeds
+from iga.data.split import split
+from iga.errors import ConfigError, DataError
 from iga.eval.scores import DEPTHS
+from iga.experiment.pairs import check, dvc_pairs, render
+from iga.experiment.sweep import Pair
 from iga.experiment.variants import PHRASINGS, complete_groups, held_out, train_units
 from iga.io import read_jsonl, write_jsonl
 from iga.params import RunConfig, load_params
+from iga.report.comparable import check_comparable
 from iga.report.tables import COMPARED, table3
-from tasks.paths import ACCEPTED, TABLES, TRAIN, experiment_result
+from tasks.paths import ACCEPTED, BASE_MODEL, OOD, PAIRS, SEEDS, TABLES, TEST, TRAIN, pair_outputs
 
 DOMAINS = ("mathematics", "medical", "legal", "science")
 
@@ -116,6 +132,10 @@ def test_table3_is_relative_to_erm():
     assert "| iga | 3.00 | 1.50× | 150 | 1.50× |" in text and "cot-distill train ERM" in text
 
 
+PROJECT = yaml.safe_load((ROOT / "params.yaml").read_text())
+RANGES, METHODS = PROJECT["experiment"]["ranges"], PROJECT["methods"]
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("experiment.runs.lora-sft.domains", ["mathematics", "legal"], "must name one domain"),
     ("experiment.runs.iga-n2.domains", ["mathematics", "legal", "science"], "must divide the 4 sequences"),
@@ -131,78 +151,236 @@ def test_table3_is_relative_to_erm():
      "experiment.ray.resources.num_cpus must be >= 1"),
     ("experiment.hparam_draws", 0, "experiment.hparam_draws must be >= 1"),
     ("experiment.val_seeds", 0, "experiment.val_seeds must be >= 1"),
-    ("experiment.ranges", {"lr": {"lo": 1e-3, "hi": 1e-4, "scale": "log"}}, "experiment.ranges.lr must have lo < hi"),
-    ("experiment.ranges", {"irm.anneal_frac": {"lo": 0, "hi": 0.5, "scale": "log"}},
+    ("experiment.ranges", RANGES | {"train": {"lr": {"lo": 1e-3, "hi": 1e-4, "scale": "log"}}},
+     "experiment.ranges.train.lr must have lo < hi"),
+    ("experiment.ranges", RANGES | {"train": {"weight_decay": {"lo": 0.0, "hi": 0.1, "scale": "linear"}}},
+     "experiment.ranges.train.weight_decay must be lr (train.lr, the one training setting swept)"),
+    ("experiment.ranges", RANGES | {"irm": {"anneal_frac": {"lo": 0, "hi": 0.5, "scale": "log"}}},
      "experiment.ranges.irm.anneal_frac.lo must be > 0 on a log scale"),
-    ("experiment.ranges", {"iga.passes": {"lo": 1, "hi": 2, "scale": "linear"}}, "experiment.ranges.iga.passes must be "
-     "lr or <kind>.<float field of that kind>"),
-    ("experiment.ranges", {"sand_mask.tau": {"lo": 0.1, "hi": 1.0, "scale": "linear"}},
+    ("experiment.ranges", RANGES | {"iga": {"passes": {"lo": 1, "hi": 2, "scale": "linear"}}},
+     "experiment.ranges.iga.passes must be a float field of kind iga"),
+    ("experiment.ranges", RANGES | {"sand_mask": {"tau": {"lo": 0.1, "hi": 1.0, "scale": "linear"}}},
      "experiment.ranges.sand_mask.tau.hi applied to methods.sand-mask.tau must be in (0, 1)"),
+    ("experiment.ranges", RANGES | {"irm.penalty_weight": {"lo": {"lo": 1e-3, "hi": 1e-2, "scale": "log"}}},
+     "experiment.ranges.irm.penalty_weight must be train or a method kind"),
+    ("experiment.ranges", {k: v for k, v in RANGES.items() if k != "train"},
+     "experiment.ranges needs a train section (lr) for hparam_draws 2: every random draw takes train.lr from it"),
+    ("experiment.runs", {"iga-tau-0.1": {"method": "iga", "data": "isomers", "domains": None, "split": "seed"}},
+     "experiment.runs.iga-tau-0.1 must be named with letters, digits, _ and - only (DVC reads a dot as nesting"),
+    ("methods", METHODS | {"iga-tau-0.1": METHODS["iga"]}, "methods.iga-tau-0.1 must be named with letters"),
 ])
 def test_bad_experiment_params_name_the_key(tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_params(write_params(tmp_path, {key: value}))
 
 
-def test_experiment_flow_sweeps_selects_writes_the_tables_and_resumes(prefect_api_url, workdir):
+def test_the_pairs_file_must_list_what_params_ask_for():
+    params = load_params(ROOT / "params.yaml")
+    items = dvc_pairs(params)
+    check(params, items, "pairs.yaml")
+    assert items["run"]["iga-n2-d0-s1"] == {"run": "iga-n2", "method": "iga", "draw": 0, "seed": 1}
+    assert items["sweep"]["sand-mask-d1-s2"] == {"run": "sand-mask", "method": "sand-mask", "draw": 1, "seed": 2,
+                                                 "ranges": "sand_mask"}  # DVC param experiment.ranges.sand_mask
+    assert items["sweep"]["pcgrad-d1-s0"]["ranges"] == "train"  # a kind with no section: experiment.ranges.train
+    assert yaml.safe_load(render(items))["pairs"] == items
+    edited = {"run": {k: v for k, v in items["run"].items() if k != "erm-d0-s1"} | {"old-d0-s0": {"run": "old"}},
+             "sweep": items["sweep"] | {"irm-d1-s0": items["sweep"]["irm-d1-s0"] | {"method": "vrex"}}}
+    with pytest.raises(ConfigError, match=re.escape(
+            "pairs.yaml disagrees with params.yaml's experiment matrix (missing: run@erm-d0-s1; no longer asked for: "
+            "run@old-d0-s0; changed: sweep@irm-d1-s0): run `python -m flows.experiment pairs` to rewrite it")):
+        check(params, edited, "pairs.yaml")
+
+
+def test_runs_of_different_precisions_are_refused_in_one_table():
+    same = {"erm/draw0/seed0": {"train_precision": "float32", "eval_dtype": "bfloat16"},
+            "iga/draw0/seed0": {"train_precision": "float32", "eval_dtype": "bfloat16"}}
+    check_comparable(same, "tables")
+    mixed = same | {"iga/draw1/seed0": {"train_precision": "bfloat16", "eval_dtype": "bfloat16"}}
+    with pytest.raises(DataError, match=re.escape("tables: runs of different train_precision cannot share a table: "
+                                                  "bfloat16: iga/draw1/seed0; float32: erm/draw0/seed0, "
+                                                  "iga/draw0/seed0")):
+        check_comparable(mixed, "tables")
+
+
+# --- the matrix as DVC runs it ------------------------------------------------------------------------------
+
+SETTINGS = {"experiment.seeds": [0], "experiment.steps": 2, "experiment.eval_groups": 2,
+            "experiment.max_new_tokens": 8, "experiment.cost_steps": 1, "experiment.hparam_draws": 2,
+            "experiment.table1": ["erm", "iga"], "experiment.table2": ["erm"]}  # Table 2: erm as an "ablation"
+MATRIX = [Pair("erm", 0, 0), Pair("iga", 0, 0), Pair("erm", 1, 0), Pair("iga", 1, 0)]  # every pair a process
+INPUTS = (SEEDS, ACCEPTED, TRAIN, TEST, OOD, BASE_MODEL)  # what the data and student stages write
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def sh(args: list, cwd: Path, env: dict) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w@.-]+)'", output)
+
+
+def stale(repo: Path, env: dict) -> set[str]:
+    return set(json.loads(sh(DVC + ["status", "--json"], repo, env) or "{}"))
+
+
+def tools_env(tmp: Path, prefect_api_url: str) -> dict:
+    """The project's interpreter first on PATH (stages run `python -m flows.<stage>`), the session's Prefect
+    server, and one MLflow store for every clone (as a tracking server would be)."""
+    return {**os.environ, "PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def experiment_repo(repo: Path, settings: dict, tiny_base: Path, env: dict) -> None:
+    """A git repository with the project's code, params.yaml with `settings` and its pairs, and a dvc.yaml of the
+    experiment's stages alone: their inputs (the data and student stages' outputs, which tests/test_dvc.py runs)
+    are made here and tracked with `dvc add`."""
+    repo.mkdir()
+    copy_project(repo)
+    write_params(repo, settings)
+    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
+    stages = {name: dvc_yaml["stages"][name] for name in ("run", "sweep", "cost", "tables")}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"vars": dvc_yaml["vars"], "stages": stages}, sort_keys=False))
+    params = load_params(repo / "params.yaml")
+    (repo / PAIRS).write_text(render(dvc_pairs(params)))
+    rows = rows_for(30, DOMAINS + ("finance", "engineering"))  # 5 test seeds
+    parts, _ = split(rows, params.split, params.domains)
+    for path, content in ((SEEDS, make_seeds(params.seeds)), (ACCEPTED, rows), (TRAIN, parts["train"]),
+                          (TEST, parts["test"]), (OOD, parts["ood"])):
+        write_jsonl(repo / path, content)
+    shutil.copytree(tiny_base, repo / BASE_MODEL)
+    for args in (["git", "init", "-q"], ["git", "config", "user.name", "test"],
+                 ["git", "config", "user.email", "test@example.invalid"], DVC + ["init", "-q"],
+                 DVC + ["add", "-q", *map(str, INPUTS)], ["git", "add", "-A"], ["git", "commit", "-qm", "inputs"]):
+        sh(args, repo, env)
+
+
+def first_pair_locked(repo: Path, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> str:
+    """The first pair stage dvc.lock records while `proc` (a `dvc repro`, output to `log`) runs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        except (OSError, yaml.YAMLError, TypeError, KeyError):
+            locked = {}  # not written yet, or half-way
+        pairs = [s for s in locked or {} if s.startswith(("run@", "sweep@"))]
+        if pairs:
+            return pairs[0]
+        time.sleep(0.2)
+    raise AssertionError(f"dvc repro recorded no pair in {timeout_s} s (exit {proc.poll()}):\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, prefect_api_url, tiny_base):
+    """The matrix stopped in clone a (its `dvc repro` killed with everything it started as soon as dvc.lock records
+    a finished pair), that pair's outputs and dvc.lock committed; then resumed in clone b, which has the commit and
+    the inputs from the DVC remote, nothing else."""
+    tmp = tmp_path_factory.mktemp("matrix")
+    env = tools_env(tmp, prefect_api_url)
+    a, b = tmp / "a", tmp / "b"
+    experiment_repo(a, SETTINGS, tiny_base, env)
+    sh(DVC + ["remote", "add", "-d", "shared", str(tmp / "remote")], a, env)
+    sh(DVC + ["push", "-q"], a, env)
+    with open(tmp / "repro.log", "wb") as log:
+        proc = subprocess.Popen(DVC + ["repro", "tables"], cwd=a, env=env, start_new_session=True, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        first = first_pair_locked(a, proc, tmp / "repro.log")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # dvc and the stage it runs, killed as a machine stops
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    locked = list(yaml.safe_load((a / "dvc.lock").read_text())["stages"])
+    finished = [p for p in ("experiments/runs", "experiments/cost.json") if (a / p).exists()]  # cost may run first
+    sh(["git", "add", "dvc.lock", ".dvc/config", *finished], a, env)
+    sh(["git", "commit", "-qm", f"{first} done"], a, env)
+    committed = {p: p.read_bytes() for p in (a / "experiments/runs").rglob("*")
+                 if p.is_file()}
+    sh(["git", "clone", "-q", str(a), str(b)], tmp, env)
+    sh(DVC + ["pull", "-q"], b, env)
+    missing = stale(b, env)
+    out = sh([sys.executable, "-m", "flows.experiment"], b, env)
+    untouched = all((b / p.relative_to(a)).read_bytes() == data for p, data in committed.items())
+    return SimpleNamespace(b=b, env=env, first=first, locked=locked, committed=committed, missing=missing,
+                           ran=ran(out), untouched=untouched)
+
+
+def test_a_stopped_matrix_resumes_in_another_clone_from_the_committed_outputs(resumed):
+    pairs = {p.stage for p in MATRIX}
+    assert [s for s in resumed.locked if s in pairs] == [resumed.first]  # the killed repro kept its finished pair
+    assert len(resumed.committed) == 3  # its metrics, scores and LCS records, in git
+    assert resumed.missing == (pairs | {"cost", "tables"}) - set(resumed.locked)  # `dvc status` in the other clone
+    assert sorted(resumed.ran) == sorted(resumed.missing)  # `dvc repro` ran those, and only those
+    assert resumed.untouched  # the committed pair's outputs are as committed
+    assert stale(resumed.b, resumed.env) == set()
+
+
+def test_the_matrix_sweeps_selects_writes_the_tables_and_dvc_status_names_what_a_change_reaches(resumed):
     from mlflow.tracking import MlflowClient
 
-    from flows.experiment import experiment_flow
-    from flows.split import split_flow
-    from flows.student import student_flow
     from iga.experiment.sweep import hparams, select
 
-    settings = {"experiment.seeds": [0, 1], "experiment.steps": 2, "experiment.eval_groups": 2,
-                "experiment.max_new_tokens": 8, "experiment.cost_steps": 1, "experiment.hparam_draws": 2,
-                "experiment.table1": ["erm", "pcgrad", "iga"],
-                "experiment.table2": ["iga-random-pairing", "iga-instance-split", "iga-n2"]}
-    write_params(workdir, settings)
-    write_jsonl(ACCEPTED, rows_for(30, DOMAINS + ("finance", "engineering")))  # 5 test seeds
-    split_flow("params.yaml")  # the runs read the split stage's outputs, as `dvc repro experiment` gives them
-    student_flow("params.yaml")
-    experiment_flow("params.yaml")
-    params = load_params("params.yaml")
-    pairs = [(n, d, s) for n in ("erm", "pcgrad", "iga") for d in (0, 1) for s in (0, 1)] + \
-        [(n, 0, s) for n in ("iga-random-pairing", "iga-instance-split", "iga-n2") for s in (0, 1)]
-    results = {k: json.loads(experiment_result(*k).read_text()) for k in pairs}
+    b, env = resumed.b, resumed.env
+    params = load_params(b / "params.yaml")
+    results = {p: json.loads((b / pair_outputs(*p)["metrics"]).read_text()) for p in MATRIX}
+    scores = {p: read_jsonl(b / pair_outputs(*p)["scores"]) for p in MATRIX}
     assert all(len(r["history"]) == 2 and r["eval"]["n_id"] == 8 and r["eval"]["n_ood"] == 4
                for r in results.values())  # generated: 2 test seeds; NLL and LCS: every test seed
-    assert all(r["eval"]["nll_n_seeds"] == r["eval"]["lcs_groups"] == 5 for n, r in results.items()
-               if n[0] != "iga-instance-split")
-    assert len({r["params_hash"] for r in results.values()}) == len(pairs)
-    # the draws: 0 the configured values, 1 random from the ranges; each run validated on the held-out seeds
-    assert results[("iga", 0, 0)]["hparams"] == {"lr": params.train.lr, "tau": params.methods["iga"].tau}
-    assert results[("iga", 1, 1)]["hparams"] == hparams(params, "iga", 1) != results[("iga", 0, 1)]["hparams"]
+    assert all(r["eval"]["nll_n_seeds"] == r["eval"]["lcs_groups"] == 5 for r in results.values())
+    assert all(sum(s["correct"] is not None for s in rows) == 12 and all(s["nll"] is not None for s in rows)
+               for rows in scores.values())  # every held-out problem's score, committed
+    assert len({(r["ran"]["train_precision"], r["ran"]["eval_dtype"]) for r in results.values()}) == 1  # as resolved
+    # the draws: 0 the configured values, 1 random from the kind's ranges; each pair validated on held-out seeds
+    assert results[Pair("iga", 0, 0)]["hparams"] == {"lr": params.train.lr, "tau": params.methods["iga"].tau}
+    assert results[Pair("iga", 1, 0)]["hparams"] == hparams(params, "iga", 1) != results[Pair("iga", 0, 0)]["hparams"]
     assert all(r["validation"]["n"] == 4 * len(DOMAINS) for r in results.values())
-    train_groups = len({r["group_id"] for r in read_jsonl(TRAIN)})
-    assert results[("erm", 0, 0)]["train"]["units_train"] == train_groups - 4  # the validation seeds left training
-    assert not list((workdir / "experiments").glob("runs/*/*/*.checkpoints"))  # finished runs keep no checkpoint
-    t1, t2, t3 = (TABLES[n].read_text() for n in (1, 2, 3))
-    assert all(f"| {n} |" in t1 for n in ("erm", "pcgrad", "iga")) and "wins" in t1 and "iga vs" in t1
+    train_groups = len({r["group_id"] for r in read_jsonl(b / TRAIN)})
+    assert results[Pair("erm", 0, 0)]["train"]["units_train"] == train_groups - 4  # the validation seeds left training
+    assert not list((b / "experiments").glob("checkpoints/*"))  # finished pairs keep no checkpoint
+    t1, t2, t3 = ((b / TABLES[n]).read_text() for n in (1, 2, 3))
+    assert all(f"| {n} |" in t1 for n in ("erm", "iga")) and "wins" in t1 and "iga vs" in t1
     assert "Holm" in t1 and "p_H" in t1 and "Minimum detectable difference" in t1
     assert re.search(r"\| erm \| [^|]+ \| [\d.]+ \[[\d.]+, [\d.]+\] \|", t1)  # every figure with its interval
     assert "model selection: training-domain validation, 2 draws per method" in t1 and "## Model selection" in t1
-    chosen = select(r for k, r in results.items() if k[0] in ("erm", "pcgrad", "iga"))
-    for (name, seed), r in chosen.items():  # the selection table names each (run, seed)'s selected draw
-        assert f"| {name} | {seed} | {r['draw']} |" in t1
-    assert "| iga-n2 | domains mathematics, legal |" in t2 and "instance-level split" in t2 and "(draw 0)" in t2
-    assert all(f"| {m} |" in t3 for m in ("erm", "pcgrad", "iga")) and "| erm | " in t3 and "1.00×" in t3
-    assert (workdir / "reports/experiment/summary.md").is_file()
-    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
-    parent = json.loads((workdir / "experiments/parent.json").read_text())["mlflow_run_id"]
-    children = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent}'")
-    assert len(children) == len(pairs) and {c.info.status for c in children} == {"FINISHED"}
-    assert {c.data.params["draw"] for c in children} == {"0", "1"} and "val_accuracy" in children[0].data.metrics
-    assert {a.path for a in client.list_artifacts(parent, "report")} >= {"report/table1.md", "report/table3.md"}
+    for (name, seed), r in select(r for p, r in results.items() if p.run in ("erm", "iga")).items():
+        assert f"| {name} | {seed} | {r['draw']} |" in t1  # the selection table names each run's selected draw
+    assert "| erm | method `erm` |" in t2 and "(draw 0)" in t2
+    assert all(f"| {m} |" in t3 for m in ("erm", "iga")) and "1.00×" in t3
+    assert (b / "reports/experiment/summary.md").is_file()
+    # MLflow: every pair's run, from either clone, under the one parent run, which holds the tables
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (parent,) = client.search_runs([client.get_experiment_by_name("iga").experiment_id], "tags.experiment = 'parent'")
 
-    # resumable per draw: a re-run trains nothing; a changed range reruns only the draws it reaches
-    mtimes = {k: experiment_result(*k).stat().st_mtime_ns for k in results}
-    write_params(workdir, settings | {"experiment.ranges": {**yaml.safe_load((workdir / "params.yaml").read_text())
-                                                                ["experiment"]["ranges"],
-                                                                "iga.tau": {"lo": 0.01, "hi": 0.02, "scale": "log"}}})
-    experiment_flow("params.yaml")
-    changed = {k for k in results if experiment_result(*k).stat().st_mtime_ns != mtimes[k]}
-    assert changed == {("iga", 1, 0), ("iga", 1, 1)}
-    assert len(client.search_runs([client.get_run(parent).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent}'")) == len(pairs) + 2
+    def children() -> list:
+        return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                  "and attributes.status = 'FINISHED'")
+
+    assert sorted(c.info.run_name for c in children()) == sorted(p.name for p in MATRIX)
+    assert {c.data.params["draw"] for c in children()} == {"0", "1"} and "val_accuracy" in children()[0].data.metrics
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/table1.md",
+                                                                                     "report/table3.md"}
+
+    # a re-run runs nothing; a change makes `dvc status` list exactly the stages that read it
+    assert ran(sh(DVC + ["repro", "tables"], b, env)) == []
+    text = (b / "params.yaml").read_text()
+    project = yaml.safe_load(text)
+
+    def stale_after(key: str, value: object) -> set[str]:
+        data = yaml.safe_load(yaml.safe_dump(project))
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[last] = value
+        (b / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        return stale(b, env)
+
+    assert stale_after("experiment.ranges.iga.tau", {"lo": 0.01, "hi": 0.02, "scale": "log"}) == {"sweep@iga-d1-s0"}
+    assert stale_after("experiment.ranges.train.lr", {"lo": 1e-4, "hi": 1e-2, "scale": "log"}) == {
+        "sweep@iga-d1-s0", "sweep@erm-d1-s0"}  # every random draw (erm's kind has no section of its own)
+    assert stale_after("methods.iga.tau", 0.7) == {"run@iga-d0-s0", "sweep@iga-d1-s0", "cost"}
+    assert stale_after("experiment.cost_steps", 2) == {"cost"}
+    assert stale_after("experiment.runner", "ray") == set()  # where pairs run changes no result
+    (b / "params.yaml").write_text(text)

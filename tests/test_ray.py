@@ -1,6 +1,8 @@
-"""experiment.runner: ray against a real Ray head on loopback (`ray start --head`, 2 CPUs): two (run, seed) pairs
-of the tiny student run at once (1 CPU and 1 torch thread each), their MLflow runs nest under the parent run
-though created in Ray workers, the tables are written, and a re-run skips both by their params hash."""
+"""experiment.runner: ray against a real Ray head on loopback (`ray start --head`, 2 CPUs), in a git repository with
+the experiment's DVC stages (tests/test_experiment.py): two (run, draw, seed) pairs of the tiny student run at once
+(1 CPU and 1 torch thread each), fill the outputs their DVC stages declare and are recorded with `dvc commit`, so
+that `dvc status` has nothing left; their MLflow runs nest under the parent run though created in Ray workers; the
+tables follow; a re-run of the flow runs nothing."""
 from __future__ import annotations
 
 import json
@@ -16,14 +18,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from conftest import write_params
+import yaml
 from servers import free_port
-from test_experiment import DOMAINS, rows_for
+from test_experiment import experiment_repo, stale, tools_env
 
-from iga.data.split import split
-from iga.io import write_jsonl
-from iga.params import load_params
-from tasks.paths import BASE_MODEL, OOD, TABLES, TEST, TRAIN, experiment_result
+from iga.experiment.sweep import Pair
+from tasks.paths import TABLES, pair_outputs
 
 RAY = Path(sys.executable).parent / "ray"
 START_TIMEOUT_S = 120.0  # `ray start` took 11-19 s on this 2-core machine under load
@@ -105,43 +105,38 @@ def _naming(temp: Path) -> list[int]:
     return pids
 
 
-def test_ray_runner_runs_pairs_at_once_nests_their_mlflow_runs_and_skips_on_rerun(head, prefect_api_url, workdir,
-                                                                                  tiny_base, monkeypatch):
+def test_ray_runner_fills_the_pair_outputs_at_once_commits_them_and_nests_their_mlflow_runs(
+        head, prefect_api_url, tmp_path, tiny_base, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from flows.experiment import experiment_flow
-    from tasks.experiment import run_on_ray
 
-    pairs = [("erm", 0, 0), ("iga", 0, 0)]
-    # MLflow caches a store per URI string: a relative sqlite URI would reach an earlier test's directory
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    write_params(workdir, {"experiment.runner": "ray",
+    env = tools_env(tmp_path, prefect_api_url)
+    repo = tmp_path / "repo"
+    experiment_repo(repo, {"experiment.runner": "ray",
                            "experiment.ray": {"address": head(), "resources": {"num_cpus": 1, "num_gpus": 0}},
                            "experiment.seeds": [0], "experiment.hparam_draws": 1, "experiment.steps": 2,
-                           "experiment.eval_groups": 2, "experiment.max_new_tokens": 8,
-                           "experiment.cost_steps": 1, "experiment.table1": ["erm", "iga"],
-                           "experiment.table2": ["iga"]})  # two pairs: (erm, seed 0), (iga, seed 0)
-    params = load_params("params.yaml")
-    parts, _ = split(rows_for(30, DOMAINS + ("finance", "engineering")), params.split, params.domains)
-    for side, path in (("train", TRAIN), ("test", TEST), ("ood", OOD)):
-        write_jsonl(path, parts[side])  # what the split stage writes
-    shutil.copytree(tiny_base, BASE_MODEL)
+                           "experiment.eval_groups": 2, "experiment.max_new_tokens": 8, "experiment.cost_steps": 1,
+                           "experiment.table1": ["erm", "iga"], "experiment.table2": ["iga"]}, tiny_base, env)
+    pairs = [Pair("erm", 0, 0), Pair("iga", 0, 0)]
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # absolute: the workers get it from the job
     experiment_flow("params.yaml")
-    results = [json.loads(experiment_result(*pair).read_text()) for pair in pairs]
+    results = [json.loads(pair_outputs(*pair)["metrics"].read_text()) for pair in pairs]
     ran = [r["ran"] for r in results]
     assert max(r["start"] for r in ran) < min(r["end"] for r in ran), ran  # the two ran at the same time
     assert [r["threads"] for r in ran] == [1, 1]  # torch threads = the task's num_cpus
+    lock = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
+    assert {pair.stage for pair in pairs} <= set(lock) and stale(repo, env) == set()  # committed as DVC records a run
     assert all(TABLES[n].is_file() for n in (1, 2, 3)) and "| erm |" in TABLES[1].read_text()
-    client = MlflowClient(tracking_uri=uri)  # the flow's URI, which the job passed to the workers
-    parent = json.loads(Path("experiments/parent.json").read_text())["mlflow_run_id"]
-    query = f"tags.mlflow.parentRunId = '{parent}'"
-    children = client.search_runs([client.get_run(parent).info.experiment_id], query)
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (parent,) = client.search_runs([client.get_experiment_by_name("iga").experiment_id], "tags.experiment = 'parent'")
+    query = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    children = client.search_runs([parent.info.experiment_id], query)
     assert sorted(c.info.run_name for c in children) == ["erm/draw0/seed0", "iga/draw0/seed0"]
     assert {c.info.status for c in children} == {"FINISHED"}
 
-    mtimes = [experiment_result(*pair).stat().st_mtime_ns for pair in pairs]
-    again = run_on_ray(params, pairs, parent)  # the flow's re-run of the matrix: its runner's task alone
-    assert [experiment_result(*pair).stat().st_mtime_ns for pair in pairs] == mtimes  # both skipped
-    assert again == results
-    assert len(client.search_runs([client.get_run(parent).info.experiment_id], query)) == 2
+    mtimes = [p.stat().st_mtime_ns for pair in pairs for p in pair_outputs(*pair).values()]
+    experiment_flow("params.yaml")  # nothing stale: no Ray, no pair, no table
+    assert [p.stat().st_mtime_ns for pair in pairs for p in pair_outputs(*pair).values()] == mtimes
+    assert len(client.search_runs([parent.info.experiment_id], query)) == 2

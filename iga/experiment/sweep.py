@@ -2,12 +2,12 @@
 set, and model selection on it.
 
 - **Draws** (DomainBed's hparams_registry): draw 0 of a method is its configured hyperparameters
-  (`methods.<name>`, `train.lr`); draw k ≥ 1 takes each hyperparameter that `experiment.ranges` names
-  for the method's kind at random from its range, log-uniform or uniform, with a generator seeded by
-  (method, k, hyperparameter) — the same values on every machine and in every re-run, and adding a
-  range leaves the other hyperparameters' draws alone. Unlike DomainBed, whose draws also depend on
-  the trial seed, a draw here is the same for every training seed: a draw is one configuration, run
-  once per seed.
+  (`methods.<name>`, `train.lr`); draw k ≥ 1 takes `lr` (`experiment.ranges.train`) and each hyperparameter
+  that `experiment.ranges.<kind>` names for the method's kind at random from its range, log-uniform or
+  uniform, with a generator seeded by (method, k, hyperparameter) — the same values on every machine
+  and in every re-run, and adding a range leaves the other hyperparameters' draws alone. Unlike
+  DomainBed, whose draws also depend on the trial seed, a draw here is the same for every training
+  seed: a draw is one configuration, run once per seed.
 - **Validation** (DomainBed's holdout of each training environment): `experiment.val_seeds` seeds of
   the training split, all their training-domain instances, held out of every run's training. The
   test and OOD sets are never looked at.
@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import math
 import random
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from iga.errors import DataError
 from iga.experiment.variants import complete_groups
@@ -38,15 +38,44 @@ def seed_hash(*args: Any) -> int:
     return int(hashlib.md5(str(args).encode()).hexdigest(), 16) % 2**31
 
 
-def ranged(config: MethodConfig, ranges: Mapping[str, HparamRange]) -> dict[str, HparamRange]:
-    """The hyperparameters a draw of a method of this configuration takes at random: `lr`, and each
-    `<kind>.<field>` range of its kind (IGA's τ only where its mask uses τ)."""
-    out = {"lr": ranges["lr"]} if "lr" in ranges else {}
-    for name, r in ranges.items():
-        kind, _, field = name.partition(".")
-        if kind == config.kind and not (isinstance(config, IGAConfig) and field == "tau" and config.mask != "exp"):
-            out[field] = r
-    return out
+class Pair(NamedTuple):
+    """One cell of the matrix: a run of `experiment.runs`, a hyperparameter draw, a training seed. Each is one
+    DVC stage (dvc.yaml: `run@<key>` for draw 0, `sweep@<key>` for the random draws)."""
+    run: str
+    draw: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.run}-d{self.draw}-s{self.seed}"
+
+    @property
+    def group(self) -> str:
+        """The foreach stage it belongs to: draw 0 depends on no range, a random draw on its kind's."""
+        return "sweep" if self.draw else "run"
+
+    @property
+    def stage(self) -> str:
+        return f"{self.group}@{self.key}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.run}/draw{self.draw}/seed{self.seed}"
+
+
+def ranged(config: MethodConfig, ranges: Mapping[str, Mapping[str, HparamRange]]) -> dict[str, HparamRange]:
+    """The hyperparameters a draw of a method of this configuration takes at random: `lr` (section `train` of
+    `experiment.ranges`) and those of its kind's section, IGA's τ only where its mask uses τ."""
+    own = {field: r for field, r in ranges.get(config.kind, {}).items()
+           if not (isinstance(config, IGAConfig) and field == "tau" and config.mask != "exp")}
+    return {**ranges.get("train", {}), **own}
+
+
+def ranges_read(params: Params, run: str) -> str:
+    """The section of `experiment.ranges` a run's random draws read besides `train`: its method's kind, or
+    `train` again where the kind has no section."""
+    kind = params.methods[params.experiment.runs[run].method].kind
+    return kind if kind in params.experiment.ranges else "train"
 
 
 def sample(r: HparamRange, rng: random.Random) -> float:
@@ -85,11 +114,11 @@ def draws(params: Params, run: str) -> range:
     return range(ex.hparam_draws if run in ex.table1 else 1)
 
 
-def matrix(params: Params) -> list[tuple[str, int, int]]:
+def matrix(params: Params) -> list[Pair]:
     """Every (run, draw, seed) of Tables 1 and 2, draw by draw: a matrix stopped early has its defaults first."""
     ex = params.experiment
     runs = list(dict.fromkeys(ex.table1 + ex.table2))
-    return [(run, d, seed) for d in range(ex.hparam_draws) for run in runs if d in draws(params, run)
+    return [Pair(run, d, seed) for d in range(ex.hparam_draws) for run in runs if d in draws(params, run)
             for seed in ex.seeds]
 
 
