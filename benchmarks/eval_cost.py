@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iga.eval.evaluate import generate, teacher_forced  # noqa: E402
+from iga.eval.evaluate import decoding, generate  # noqa: E402
 from iga.hardware import describe  # noqa: E402
 from iga.io import read_jsonl  # noqa: E402
+from iga.train.forced import teacher_forced  # noqa: E402
 from iga.train.sft import IGNORE, collate, encode  # noqa: E402
 from iga.train.student import build_tiny  # noqa: E402
 
@@ -81,31 +82,33 @@ def main() -> None:
     ap.add_argument("--model", default="models/base", help="a model folder, or tiny")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=224)
+    ap.add_argument("--max-new-tokens", default="auto", help="auto (the longest training CoT) or a number")
     ap.add_argument("--skip-bf16", action="store_true", help="bf16 is slow where it is emulated (AVX2)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows, model, tokenizer = rows_and_model(args.model, args.rows)
+    pairs = [(r["problem"], r["cot_solution"]) for r in rows]
     print(f"{len(rows)} held-out rows, {describe(torch.device('cpu'))}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds")
     block("teacher-forced NLL", {
-        "completion-only logits, batch 8": lambda: teacher_forced(model, tokenizer, rows, 8),
+        "completion-only logits, batch 8": lambda: teacher_forced(model, tokenizer, pairs, 8),
         "full logits, batch 8": lambda: full_logits_nll(model, tokenizer, rows, 8),
         "completion-only + LCS states, batch 8": lambda: teacher_forced(
-            model, tokenizer, rows, 8, layers=range(model.config.num_hidden_layers), skip=[30] * len(rows)),
-        "completion-only logits, batch 16": lambda: teacher_forced(model, tokenizer, rows, 16),
-        "completion-only logits, batch 64": lambda: teacher_forced(model, tokenizer, rows, 64),
+            model, tokenizer, pairs, 8, layers=range(model.config.num_hidden_layers), skip=[30] * len(rows)),
+        "completion-only logits, batch 16": lambda: teacher_forced(model, tokenizer, pairs, 16),
+        "completion-only logits, batch 64": lambda: teacher_forced(model, tokenizer, pairs, 64),
     }, len(rows), args.rounds)
     problems = [r["problem"] for r in rows]
-    block(f"greedy generation (max_new_tokens {args.max_new_tokens})", {
-        "batch 64": lambda: generate(model, tokenizer, problems, args.max_new_tokens, 64),
-        "batch 32": lambda: generate(model, tokenizer, problems, args.max_new_tokens, 32),
+    budget = args.max_new_tokens if args.max_new_tokens == "auto" else int(args.max_new_tokens)
+    how = decoding(budget, tokenizer, read_jsonl("data/split/train.jsonl"))
+    block(f"greedy generation (max_new_tokens {how.max_new_tokens}, evaluation's stop rule)", {
+        f"batch {n}": lambda n=n: generate(model, tokenizer, problems, how, n) for n in (64, 32, 128)
     }, len(rows), args.rounds)
     if not args.skip_bf16:
         bf16 = type(model).from_pretrained(model.name_or_path, dtype=torch.bfloat16).eval()
         block("weights (NLL, batch 8)", {
-            "float32": lambda: teacher_forced(model, tokenizer, rows, 8),
-            "bfloat16": lambda: teacher_forced(bf16, tokenizer, rows, 8),
+            "float32": lambda: teacher_forced(model, tokenizer, pairs, 8),
+            "bfloat16": lambda: teacher_forced(bf16, tokenizer, pairs, 8),
         }, len(rows), args.rounds)
 
 

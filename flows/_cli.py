@@ -8,7 +8,7 @@ import sys
 from typing import Any, Callable
 
 from iga.errors import IGAError
-from iga.params import PARAMS_FILE, load_params, require_teacher_credentials
+from iga.params import PARAMS_FILE, Params, load_params, require_teacher_credentials
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -38,10 +38,12 @@ def _quiet_expected_errors() -> None:
             handler.addFilter(_ExpectedErrorsOnce())
 
 
-def main(flow: Callable[..., Any], needs_teacher: bool = False, **kwargs: object) -> Any:
+def main(flow: Callable[..., Any], needs_teacher: bool | Callable[[Params], bool] = False, **kwargs: object) -> Any:
+    """Run `flow` on params.yaml. needs_teacher: whether the stage calls the teacher (or a predicate of the
+    params saying so), so that missing credentials fail here, in a second, not after Prefect's start."""
     try:
         params = load_params(PARAMS_FILE)
-        if needs_teacher:
+        if needs_teacher(params) if callable(needs_teacher) else needs_teacher:
             require_teacher_credentials(params)
         _quiet_expected_errors()
         return flow(str(PARAMS_FILE), **kwargs)

@@ -28,4 +28,4 @@ def select_flow(params_path: str = str(PARAMS_FILE)) -> dict:
 
 
 if __name__ == "__main__":
-    main(select_flow, needs_teacher=True)
+    main(select_flow, needs_teacher=lambda params: params.select.strategy != "first")

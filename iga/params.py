@@ -26,6 +26,7 @@ PARAMS_FILE = Path("params.yaml")
 Family = Literal["arithmetic", "implication", "comparison"]
 Benchmark = Literal["gsm8k", "math_id", "math_ood"]
 Style = Literal["plain", "terse", "verbose", "reordered", "restated"]  # how the procedural teacher writes a CoT
+Budget = int | Literal["auto"]  # greedy decoding tokens; auto: the longest training CoT's (iga.eval.evaluate.token_budget)
 
 
 @dataclass(frozen=True)
@@ -258,13 +259,13 @@ class ExperimentParams:
     seeds: tuple[int, ...]  # train.seed of each repeat (LoRA init, batch order); the data split stays fixed
     steps: int  # optimizer steps per run
     eval_groups: int  # held-out test seeds whose ID and OOD problems each run generates (NLL, LCS: every test seed)
-    max_new_tokens: int  # greedy decoding budget per completion
+    max_new_tokens: Budget  # greedy decoding budget per completion
     cost_steps: int  # table 3: timed steps per method on one batch, after one warm-up step
     runner: Literal["local", "ray"]  # local: one (run, draw, seed) after another in the flow's process; ray: Ray tasks
     ray: RayParams
     hparam_draws: int  # per Table 1 run: draw 0 = the configured hyperparameters, 1.. random from `ranges`
     val_seeds: int  # training seeds held out of every run's training: the model-selection (validation) set
-    ranges: dict[str, HparamRange]  # "lr" or "<method kind>.<field>" -> its random-search range
+    ranges: dict[str, dict[str, HparamRange]]  # train (lr) or a method kind -> its swept fields -> their ranges
     table1: tuple[str, ...]  # keys of runs: the methods table
     table2: tuple[str, ...]  # keys of runs: the ablations, each against full IGA
     runs: dict[str, RunConfig]
@@ -294,7 +295,7 @@ class ExternalParams:
 @dataclass(frozen=True)
 class EvalParams:
     dtype: Literal["auto", "float32", "bfloat16"]  # of the merged student; auto: bf16 where native (iga/hardware.py)
-    max_new_tokens: int  # greedy decoding budget per completion (paper: 512)
+    max_new_tokens: Budget  # greedy decoding budget per completion (paper: 512)
     batch_size: int  # sequences decoded together
     nll_batch_size: int  # sequences per teacher-forced forward pass (NLL, LCS)
     lcs_groups: int  # held-out isomer groups for the Logical Consistency Score (paper: 500)
@@ -368,8 +369,16 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             if kind not in kinds:
                 raise ConfigError(f"params: {key}.kind must be one of {sorted(kinds)}, got {kind!r}")
             return _build(kinds[kind], value, key)
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(inner, value, key)
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        for member in members:  # e.g. int | Literal["auto"]: the first that takes the value
+            try:
+                return _convert(member, value, key)
+            except ConfigError:
+                if len(members) == 1:
+                    raise
+        names = " or ".join(", ".join(map(repr, typing.get_args(m))) if typing.get_origin(m) is Literal else m.__name__
+                            for m in members)
+        raise ConfigError(f"params: {key} must be {names}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, list) or not value:
             raise ConfigError(f"params: {key} must be a non-empty list, got {value!r}")
@@ -451,6 +460,8 @@ def _validate(p: Params) -> None:
     _check(lo.r >= 1, "lora.r", "must be >= 1", lo.r)
     _check(lo.alpha > 0, "lora.alpha", "must be > 0", lo.alpha)
     _check(0.0 <= lo.dropout < 1.0, "lora.dropout", "must be in [0, 1)", lo.dropout)
+    for name in p.methods:
+        _check_name(f"methods.{name}", name)
     for i, name in enumerate(tr.methods):
         _check(name in p.methods, f"train.methods[{i}]", f"must be a key of methods ({sorted(p.methods)})", name)
     for name, cfg in p.methods.items():
@@ -470,8 +481,10 @@ def _validate(p: Params) -> None:
     _check(0 <= tr.beta1 < 1 and 0 <= tr.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)", (tr.beta1, tr.beta2))
     _check(0.0 <= tr.warmup_frac < 1.0, "train.warmup_frac", "must be in [0, 1)", tr.warmup_frac)
     ev = p.eval
-    for key in ("max_new_tokens", "batch_size", "nll_batch_size", "lcs_groups", "threads"):
+    for key in ("batch_size", "nll_batch_size", "lcs_groups", "threads"):
         _check(getattr(ev, key) >= 1, f"eval.{key}", "must be >= 1", getattr(ev, key))
+    _check(ev.max_new_tokens == "auto" or ev.max_new_tokens >= 1, "eval.max_new_tokens", "must be auto or >= 1",
+           ev.max_new_tokens)
     for name, ext in ev.external.items():
         _check(ext.limit >= 0, f"eval.external.{name}.limit", "must be >= 0", ext.limit)
     _validate_experiment(p)
@@ -515,19 +528,21 @@ def _check_method(key: str, cfg: MethodConfig) -> None:
 
 def _validate_experiment(p: Params) -> None:
     ex = p.experiment
-    for key in ("steps", "eval_groups", "max_new_tokens", "cost_steps", "hparam_draws", "val_seeds"):
+    for key in ("steps", "eval_groups", "cost_steps", "hparam_draws", "val_seeds"):
         _check(getattr(ex, key) >= 1, f"experiment.{key}", "must be >= 1", getattr(ex, key))
+    _check(ex.max_new_tokens == "auto" or ex.max_new_tokens >= 1, "experiment.max_new_tokens", "must be auto or >= 1",
+           ex.max_new_tokens)
     address = ex.ray.address
     _check(address is None or address == "auto" or re.fullmatch(r"(ray://)?[\w.-]+:\d+", address) is not None,
            "experiment.ray.address", "must be null (a local Ray instance), auto, host:port or ray://host:port", address)
     res = ex.ray.resources
     _check(res.num_cpus >= 1, "experiment.ray.resources.num_cpus", "must be >= 1", res.num_cpus)
     _check(res.num_gpus >= 0, "experiment.ray.resources.num_gpus", "must be >= 0", res.num_gpus)
-    _validate_ranges(p)
     _check(len(set(ex.seeds)) == len(ex.seeds), "experiment.seeds", "must not repeat a seed", ex.seeds)
     rows = p.train.groups_per_batch * len(p.domains.train)  # sequences per micro-batch, the same for every run
     for name, run in ex.runs.items():
         key = f"experiment.runs.{name}"
+        _check_name(key, name)
         _check(run.method in p.methods, f"{key}.method", f"must be a key of methods ({sorted(p.methods)})", run.method)
         domains = run.domains or p.domains.train
         unknown = sorted(set(domains) - set(p.domains.train))
@@ -541,28 +556,41 @@ def _validate_experiment(p: Params) -> None:
         for i, name in enumerate(getattr(ex, table)):
             _check(name in ex.runs, f"experiment.{table}[{i}]", "must be a key of experiment.runs", name)
     _check("iga" in ex.table1, "experiment.table1", "must include iga (both tables compare with it)", ex.table1)
+    _validate_ranges(p)
 
 
 def _validate_ranges(p: Params) -> None:
-    """Each range names lr or a float field of a method kind, and both its bounds are valid values there: every
-    draw lies between them, and each method check is an interval."""
+    """Each section is `train` (its `lr`) or a method kind (its float fields), each range with both bounds valid
+    values there: every draw lies between them, and each method check is an interval. With more than one draw,
+    `train` is there: every pair of the sweep reads it (DVC param experiment.ranges.train)."""
+    ex = p.experiment
     kinds = {k: c for c in typing.get_args(MethodConfig) for k in typing.get_args(typing.get_type_hints(c)["kind"])}
-    for name, r in p.experiment.ranges.items():
-        key = f"experiment.ranges.{name}"
-        _check(r.lo < r.hi, key, "must have lo < hi", (r.lo, r.hi))
-        _check(r.scale == "linear" or r.lo > 0, f"{key}.lo", "must be > 0 on a log scale", r.lo)
-        if name == "lr":
-            _check(r.lo > 0, f"{key}.lo", "must be > 0 (train.lr)", r.lo)
-            continue
-        kind, _, field = name.partition(".")
-        fields = typing.get_type_hints(kinds[kind]) if kind in kinds else {}
-        _check(fields.get(field) is float, key, f"must be lr or <kind>.<float field of that kind> (kinds: "
-               f"{sorted(kinds)})", name)
-        for method, cfg in p.methods.items():
-            if cfg.kind == kind:
-                for end in ("lo", "hi"):
-                    _check_method(f"{key}.{end} applied to methods.{method}",
-                                  dataclasses.replace(cfg, **{field: getattr(r, end)}))
+    for section, fields in ex.ranges.items():
+        _check(section == "train" or section in kinds, f"experiment.ranges.{section}", f"must be train or a method "
+               f"kind ({sorted(kinds)})", section)
+        for name, r in fields.items():
+            key = f"experiment.ranges.{section}.{name}"
+            _check(r.lo < r.hi, key, "must have lo < hi", (r.lo, r.hi))
+            _check(r.scale == "linear" or r.lo > 0, f"{key}.lo", "must be > 0 on a log scale", r.lo)
+            if section == "train":
+                _check(name == "lr", key, "must be lr (train.lr, the one training setting swept)", name)
+                _check(r.lo > 0, f"{key}.lo", "must be > 0 (train.lr)", r.lo)
+                continue
+            _check(typing.get_type_hints(kinds[section]).get(name) is float, key,
+                   f"must be a float field of kind {section}", name)
+            for method, cfg in p.methods.items():
+                if cfg.kind == section:
+                    for end in ("lo", "hi"):
+                        _check_method(f"{key}.{end} applied to methods.{method}",
+                                      dataclasses.replace(cfg, **{name: getattr(r, end)}))
+    _check(ex.hparam_draws == 1 or "train" in ex.ranges, "experiment.ranges", f"needs a train section (lr) for "
+           f"hparam_draws {ex.hparam_draws}: every random draw takes train.lr from it", sorted(ex.ranges))
+
+
+def _check_name(key: str, name: str) -> None:
+    """Run and method names are DVC param keys (experiment.runs.<run>, methods.<method>), stage names and folders."""
+    _check(re.fullmatch(r"[\w-]+", name) is not None, key, "must be named with letters, digits, _ and - only (DVC "
+           "reads a dot as nesting: write iga-tau-0p1, not iga-tau-0.1)", name)
 
 
 def parse_params(data: Any) -> Params:

@@ -11,16 +11,17 @@ from iga.eval.scores import summarize
 from iga.io import read_jsonl, write_json, write_jsonl
 from iga.params import Params
 from iga.stages import params_hash
-from tasks.paths import BASE_MODEL, OOD, TEST, adapter_dir, completions_file, eval_metrics, eval_plot, scores_file
+from tasks.paths import BASE_MODEL, OOD, TEST, TRAIN, adapter_dir, completions_file, eval_metrics, eval_plot, scores_file
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate_method(params: Params, method: str) -> dict[str, Any]:
     params.method(method)  # an unknown name fails here, before any model is loaded
-    evaluation = score_adapter(params, BASE_MODEL, adapter_dir(method), read_jsonl(TEST), read_jsonl(OOD), str(TEST),
-                               method)
+    evaluation = score_adapter(params, BASE_MODEL, adapter_dir(method), read_jsonl(TEST), read_jsonl(OOD),
+                               read_jsonl(TRAIN), str(TEST), method)
     metrics = {"method": method, "params_hash": params_hash("evaluate", params, method), "device": evaluation["device"],
-               "dtype": evaluation["dtype"], **summarize([evaluation], evaluation["lcs_layers"])}
+               "dtype": evaluation["dtype"], "decoding": evaluation["decoding"], "cost": evaluation["cost"],
+               **summarize([evaluation], evaluation["lcs_layers"])}
     write_jsonl(completions_file(method), evaluation["completions"])
     write_jsonl(scores_file(method), evaluation["scores"])
     write_json(eval_plot(method, "accuracy"), [{"split": s, "accuracy": metrics[f"{s}_accuracy"]}

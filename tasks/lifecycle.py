@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from iga.errors import DataError, IGAError
 from iga.io import exclusive, leftover_temporaries, read_jsonl
 from iga.params import Params
+from iga.report.comparable import check_comparable
 from iga.report.report import RunResult, table1, write_report
 from iga.stages import params_hash
 from tasks import tracking
@@ -80,12 +81,15 @@ def load_eval_metrics(params: Params, method: str) -> dict[str, Any]:
 
 @task(cache_policy=NO_CACHE)
 def collect(params: Params) -> list[RunResult]:
-    """Each method's training summary, loss history and evaluation, checked against params.yaml."""
+    """Each method's training summary, loss history and evaluation, checked against params.yaml and against
+    each other: one report holds one train precision and one evaluation dtype (`auto` resolves per machine)."""
     results = []
     for method in params.train.methods:
         results.append(RunResult(method=method, seed=params.train.seed, eval=load_eval_metrics(params, method),
                                  train=json.loads(train_metrics(method).read_text()),
                                  history=read_jsonl(history_file(method))))
+    check_comparable({r.method: {"train_precision": r.train.get("precision"), "eval_dtype": r.eval.get("dtype")}
+                      for r in results}, "metrics/train and metrics/eval")
     return results
 
 

@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from iga.eval.evaluate import for_evaluation, generate, score_adapter
+from iga.eval.evaluate import Decoding, for_evaluation, generate, score_adapter
 from iga.eval.scores import Evaluation, summarize
 from iga.hardware import resolve_device, resolve_precision
 from iga.io import read_jsonl, write_jsonl
@@ -20,6 +20,7 @@ from iga.params import Params
 from iga.report.promotion import best, decide
 from iga.report.report import RunResult
 from iga.stages import params_hash
+from iga.train.decode import Stop
 from tasks import tracking
 from tasks.paths import BASE_MODEL, OOD, TEST, TRAIN, adapter_dir, scores_file
 
@@ -40,17 +41,19 @@ class Student(mlflow.pyfunc.PythonModel):
                                     f"there; rebuild it with `dvc repro student` (student.base: {cfg['base']})")
         model, self.tokenizer = load_trained(cfg["base_dir"], context.artifacts["adapter"])
         self.model = for_evaluation(model, cfg["dtype"], resolve_device("auto"))
-        self.max_new_tokens, self.batch_size = cfg["max_new_tokens"], cfg["batch_size"]
+        how = cfg["decoding"]  # as the version was evaluated: its token budget and stop rule
+        self.how, self.batch_size = Decoding(how["max_new_tokens"], Stop(**how["stop"])), cfg["batch_size"]
 
     def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        return generate(self.model, self.tokenizer, list(model_input), self.max_new_tokens, self.batch_size)
+        return [c.text for c in generate(self.model, self.tokenizer, list(model_input), self.how, self.batch_size)]
 
 
 def eval_key(params: Params) -> str:
     """What makes two versions' scores comparable problem by problem: the same held-out rows and the
     same evaluation settings on the same base model (iga.stages, "scores")."""
     dtype = resolve_precision(params.eval.dtype, resolve_device(params.train.device))  # auto: per machine
-    return params_hash("scores", params, test=tracking.data_hash(TEST), ood=tracking.data_hash(OOD), dtype=dtype)
+    return params_hash("scores", params, test=tracking.data_hash(TEST), ood=tracking.data_hash(OOD),
+                       train=tracking.data_hash(TRAIN), dtype=dtype)  # train: an `auto` token budget comes from it
 
 
 def _adapter_md5(path: Path) -> str:
@@ -142,7 +145,7 @@ def _new_version(params: Params, result: RunResult, adapter_md5: str, commit: st
     info = mlflow.pyfunc.log_model(
         name="student", python_model=Student(), artifacts={"adapter": str(adapter_dir(result.method))},
         model_config={"base_dir": str(BASE_MODEL.resolve()), "base": params.student.base, "dtype": params.eval.dtype,
-                      "max_new_tokens": params.eval.max_new_tokens, "batch_size": params.eval.batch_size},
+                      "decoding": result.eval["decoding"], "batch_size": params.eval.batch_size},
         pip_requirements=["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2"])
     return mlflow.register_model(info.model_uri, params.registry.model_name, tags={
         "method": result.method, "seed": str(result.seed), "adapter_md5": adapter_md5, "git_commit": commit,
@@ -179,7 +182,7 @@ def _incumbent_evaluation(client: Any, params: Params, champion: Any, key: str) 
              champion.version)
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{champion.version}"))
     evaluation = score_adapter(params, BASE_MODEL, model_dir / "artifacts" / "adapter", read_jsonl(TEST),
-                               read_jsonl(OOD), str(TEST), f"champion v{champion.version}")
+                               read_jsonl(OOD), read_jsonl(TRAIN), str(TEST), f"champion v{champion.version}")
     with mlflow.start_run(run_name=f"rescore/v{champion.version}", nested=True) as run:
         with tempfile.TemporaryDirectory() as tmp:
             write_jsonl(Path(tmp) / "scores.jsonl", evaluation["scores"])

@@ -6,18 +6,14 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from transformers import AutoTokenizer
 
 from iga.data.answers import extract_answer
 from iga.errors import DataError
-from iga.hardware import describe, resolve_device
 from iga.io import read_jsonl, write_json, write_jsonl
 from iga.params import Params
-from iga.train.select import SCORES, choose, dataset_scores, score_trajectories
-from iga.train.student import load_base
+from iga.train.select import SCORES, choose, dataset_scores
 from tasks.paths import BASE_MODEL, CANDIDATES, GATE_DAGS, SEEDS, SELECT_LEDGER, SELECT_METRICS, SELECTED, TRAIN
 
 Row = dict[str, Any]
@@ -61,7 +57,9 @@ def _ineligible(candidate: Row, min_alignment: float) -> str | None:
 @task(cache_policy=NO_CACHE)
 def choose_and_write(params: Params, jobs: list[tuple[Row, Row]], candidates: list[list[Row]] | None = None
                      ) -> dict[str, Any]:
-    """candidates: each instance's candidate CoTs, its own first; None: its own only (select.strategy first)."""
+    """candidates: each instance's candidate CoTs, its own first; None: its own only (select.strategy first).
+    Every eligible candidate is scored under the base student, except with strategy first, which keeps the
+    own CoT whatever the scores (so the student is not even loaded)."""
     log = get_run_logger()
     candidates = candidates or _own_candidates(jobs)
     rows = [row for _, row in jobs]
@@ -76,19 +74,9 @@ def choose_and_write(params: Params, jobs: list[tuple[Row, Row]], candidates: li
                 kept.append(c)
         eligible.append(kept)
 
-    torch.set_num_threads(params.train.threads)
-    device = resolve_device(params.train.device)
-    tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL)
-    model = load_base(BASE_MODEL, params.student.dtype).to(device)
+    scoring = params.select.strategy != "first"  # first keeps each instance's own CoT: nothing to score
     flat = [(row, c) for row, cands in zip(rows, eligible) for c in cands]
-    t0 = time.perf_counter()
-    scores = score_trajectories(model, tokenizer, [(row["problem"], c["cot_solution"]) for row, c in flat],
-                                params.select.batch_size, params.select.rank_clip)
-    seconds = time.perf_counter() - t0
-    it = iter(scores)
-    for cands in eligible:
-        for c in cands:
-            c.update(next(it))
+    scored = _score(params, flat) if scoring else {}
 
     chosen = [choose(cands, params.select, f"{row['group_id']}|{row['domain']}") for row, cands in zip(rows, eligible)]
     # The group gate holds for what is kept: a group whose kept CoTs' step counts spread too far keeps its own.
@@ -104,7 +92,7 @@ def choose_and_write(params: Params, jobs: list[tuple[Row, Row]], candidates: li
                 chosen[i] = 0
 
     selected = [{**row, **{k: cands[j][k] for k in _FROM_CANDIDATE}, "sample": cands[j]["sample"],
-                 **{k: cands[j][k] for k in SCORES}} for row, cands, j in zip(rows, eligible, chosen)]
+                 **{k: cands[j][k] for k in SCORES if scoring}} for row, cands, j in zip(rows, eligible, chosen)]
     write_jsonl(SELECTED, selected)
     write_jsonl(CANDIDATES, [
         {"group_id": row["group_id"], "seed_id": row["seed_id"], "domain": row["domain"], **c,
@@ -119,13 +107,39 @@ def choose_and_write(params: Params, jobs: list[tuple[Row, Row]], candidates: li
         "candidates_by_outcome": dict(sorted(reasons.items())), "groups_reverted_step_gate": reverted,
         "kept_own": sum(j == 0 for j in chosen), "kept_by_style": dict(Counter(str(c[j]["style"]) for c, j in
                                                                                    zip(eligible, chosen))),
-        "selected": dataset_scores(selected), "own": dataset_scores([{**row, **cands[0]} for row, cands in
-                                                                      zip(rows, eligible)]),
-        "scored_trajectories": len(flat), "scoring_s": round(seconds, 1), "device": describe(device),
-        "rank_clip": params.select.rank_clip,
+        "scored_trajectories": len(flat) if scoring else 0, **scored,
     }
+    if scoring:
+        metrics |= {"selected": dataset_scores(selected),
+                    "own": dataset_scores([{**row, **cands[0]} for row, cands in zip(rows, eligible)])}
+        log.info("select (%s): %d instances, %d candidates scored in %.0f s; kept the own CoT of %d; dataset RSR "
+                 "%.3f (own CoTs %.3f) -> %s", params.select.strategy, len(rows), len(flat), metrics["scoring_s"],
+                 metrics["kept_own"], metrics["selected"]["rsr"]["estimate"], metrics["own"]["rsr"]["estimate"],
+                 SELECTED)
+    else:
+        log.info("select (first): the %d training instances keep their own CoTs -> %s", len(rows), SELECTED)
     write_json(SELECT_METRICS, metrics)
-    log.info("select (%s): %d instances, %d candidates scored in %.0f s; kept the own CoT of %d; dataset RSR %.3f "
-             "(own CoTs %.3f) -> %s", params.select.strategy, len(rows), len(flat), seconds, metrics["kept_own"],
-             metrics["selected"]["rsr"]["estimate"], metrics["own"]["rsr"]["estimate"], SELECTED)
     return metrics
+
+
+def _score(params: Params, flat: list[tuple[Row, Row]]) -> dict[str, Any]:
+    """Each (row, candidate)'s RSR, mean rank and mean NLL under the base student, written into the
+    candidate; returns how the scoring ran."""
+    import torch  # here: with select.strategy first the stage needs neither torch nor the student (~5 s of imports)
+    from transformers import AutoTokenizer
+
+    from iga.hardware import describe, resolve_device
+    from iga.train.select import score_trajectories
+    from iga.train.student import load_base
+
+    torch.set_num_threads(params.train.threads)
+    device = resolve_device(params.train.device)
+    tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL)
+    model = load_base(BASE_MODEL, params.student.dtype).to(device)
+    t0 = time.perf_counter()
+    scores = score_trajectories(model, tokenizer, [(row["problem"], c["cot_solution"]) for row, c in flat],
+                                params.select.batch_size, params.select.rank_clip)
+    for (_, c), s in zip(flat, scores):
+        c.update(s)
+    return {"scoring_s": round(time.perf_counter() - t0, 1), "device": describe(device),
+            "rank_clip": params.select.rank_clip}

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from transformers import AutoTokenizer
 
 from iga.errors import ConfigError
-from iga.eval.evaluate import for_evaluation, generate, score
+from iga.eval.evaluate import decoding, for_evaluation, generate, score
 from iga.experiment.teachers import first_groups, rewrite, select_across, spearman_ci, variant
 from iga.hardware import describe, resolve_device
 from iga.io import atomic_write_text, read_jsonl, write_json
@@ -99,9 +99,9 @@ def train_and_answer(params: Params, teacher: str, rows: list[dict[str, Any]], s
                     batcher(groups, tp, tp.groups_per_batch, tokenizer.pad_token_id), tp,
                     EXPERIMENT / "rsr" / f"{teacher}-seed{seed}.checkpoints", f"rsr:{teacher}:{seed}", device)
     model = for_evaluation(model, params.eval.dtype, device)
-    completions = generate(model, tokenizer, [r["problem"] for r in problems], params.experiment.max_new_tokens,
-                           params.eval.batch_size)
-    correct = score(problems, completions)
+    how = decoding(params.experiment.max_new_tokens, tokenizer, rows)  # sized from this teacher's own CoTs
+    completions = generate(model, tokenizer, [r["problem"] for r in problems], how, params.eval.batch_size)
+    correct = score(problems, [c.text for c in completions])
     get_run_logger().info("%s seed %d: held-out accuracy %.3f (%d problems), %.0f s", teacher, seed,
                           float(np.mean(correct)), len(correct), time.perf_counter() - t0)
     return {"teacher": teacher, "seed": seed, "correct": correct, "loss_last": history[-1]["loss"],

@@ -9,19 +9,17 @@ from hypothesis.extra.numpy import arrays
 
 from conftest import ROOT, isomer_rows
 from iga.errors import ConfigError, DataError
-from iga.eval.evaluate import (
-    depth_layers,
-    evaluate_student,
-    generate,
-    lcs_record,
-    score,
-    shared_prefix,
-    teacher_forced,
-    trace_cov,
-)
+from iga.eval.evaluate import (Decoding, depth_layers, evaluate_student, generate, lcs_record, score, shared_prefix,
+                               trace_cov)
 from iga.params import load_params
+from iga.train.decode import Stop
+from iga.train.forced import teacher_forced
 from iga.train.sft import encode
 from iga.train.student import load_student, load_trained
+
+
+def pairs(rows):
+    return [(r["problem"], r["cot_solution"]) for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +40,10 @@ def trained(tiny_base, tmp_path_factory):
 def test_batched_generation_equals_one_at_a_time(trained):
     model, tokenizer = trained
     problems = [r["problem"] for r in isomer_rows(2)]  # prompts of different lengths: left padding matters
-    batched = generate(model, tokenizer, problems, max_new_tokens=12, batch_size=8)
-    alone = [generate(model, tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in problems]
-    assert batched == alone and all(batched)
+    how = Decoding(12, Stop())
+    batched = generate(model, tokenizer, problems, how, batch_size=3)  # 3 slots, 8 prompts: rows join and leave
+    alone = [generate(model, tokenizer, [p], how, batch_size=1)[0] for p in problems]
+    assert batched == alone and all(c.text for c in batched)
 
 
 def test_missing_adapter_is_a_clear_error(tiny_base, tmp_path):
@@ -66,8 +65,8 @@ def test_nll_is_the_training_loss_of_each_row_alone(trained):
 
     model, tokenizer = trained
     rows = isomer_rows(2)
-    batched, _ = teacher_forced(model, tokenizer, rows, batch_size=3)
-    for r, (total, n) in zip(rows, batched):
+    batched = teacher_forced(model, tokenizer, pairs(rows), batch_size=3)
+    for r, (total, n) in zip(rows, [(f.nll, f.tokens) for f in batched]):
         e = encode(tokenizer, r["problem"], r["cot_solution"])
         sums, counts = token_losses(model, collate([[e]], tokenizer.pad_token_id, seed=0))
         assert n == int(counts[0]) == sum(label != -100 for label in e.labels[1:])
@@ -77,7 +76,7 @@ def test_nll_is_the_training_loss_of_each_row_alone(trained):
     logp = torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0].float(), -1)
     start = e.labels.index(next(x for x in e.labels if x != -100))
     manual = -sum(float(logp[t - 1, e.input_ids[t]]) for t in range(start, len(e.input_ids)))
-    assert batched[0][0] == pytest.approx(manual, rel=1e-4)
+    assert batched[0].nll == pytest.approx(manual, rel=1e-4)
 
 
 vectors = arrays("float64", st.tuples(st.integers(2, 6), st.integers(1, 5)),
@@ -99,8 +98,8 @@ DOMAINS = ("mathematics", "medical", "legal", "science")
 def _lcs(model, tokenizer, group):
     layers = depth_layers(model.config.num_hidden_layers)
     shared = shared_prefix([encode(tokenizer, r["problem"], r["cot_solution"]).input_ids for r in group])
-    _, states = teacher_forced(model, tokenizer, group, 3, layers.values(), [shared] * len(group))
-    return lcs_record(group, states, layers)
+    forced = teacher_forced(model, tokenizer, pairs(group), 3, layers=layers.values(), skip=[shared] * len(group))
+    return lcs_record(group, [f.states for f in forced], layers)
 
 
 def test_lcs_is_zero_for_identical_variants_and_positive_for_isomers(trained):
@@ -122,8 +121,8 @@ def test_lcs_states_skip_padding_and_the_shared_prefix(trained):
     seqs = [encode(tokenizer, r["problem"], r["cot_solution"]).input_ids for r in group]
     shared = shared_prefix(seqs)
     assert shared > 10 and len({s[shared] for s in seqs}) > 1
-    _, states = teacher_forced(model, tokenizer, group, 4, [1], [shared] * len(group))
-    for seq, state in zip(seqs, states):
+    forced = teacher_forced(model, tokenizer, pairs(group), 4, layers=[1], skip=[shared] * len(group))
+    for seq, state in zip(seqs, [f.states for f in forced]):
         alone = model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[1][0, shared:].mean(0)
         assert torch.allclose(state[1], alone, atol=1e-5)
 
@@ -134,13 +133,15 @@ def test_evaluate_student_scores_every_row_and_generates_the_chosen_seeds(traine
     ood = [dict(r, domain="finance") for r in rows if r["domain"] == "mathematics"]
     chosen = {rows[0]["seed_id"]}
     generate = {(r["group_id"], r["domain"]) for r in rows + ood if r["seed_id"] in chosen}
-    ev = evaluate_student(model, tokenizer, rows, ood, {}, DOMAINS, to_generate=generate, max_new_tokens=4,
+    ev = evaluate_student(model, tokenizer, rows, ood, {}, DOMAINS, to_generate=generate, how=Decoding(4, Stop()),
                           batch_size=5, nll_batch_size=3, lcs_groups=2, source="x")
     assert len(ev["scores"]) == len(rows) + len(ood) and all(r["nll"] > 0 and r["tokens"] > 0 for r in ev["scores"])
     assert {r["seed_id"] for r in ev["scores"] if r["correct"] is not None} == chosen
     assert len(ev["completions"]) == 4 + 1 and [g["seed_id"] for g in ev["lcs"]] == sorted({r["seed_id"] for r in rows})[:2]
-    nll, _ = teacher_forced(model, tokenizer, ood, 2)
-    assert [r["nll"] for r in ev["scores"] if r["set"] == "ood"] == pytest.approx([s / n for s, n in nll])
+    nll = teacher_forced(model, tokenizer, pairs(ood), 2)
+    # other batches, other fp32 sums: up to 2e-7 apart measured, too near approx's default 1e-6 on other CPUs
+    assert [r["nll"] for r in ev["scores"] if r["set"] == "ood"] == pytest.approx([f.nll / f.tokens for f in nll],
+                                                                                  rel=1e-5)
     alone = _lcs(model, tokenizer, [r for r in rows if r["seed_id"] == ev["lcs"][0]["seed_id"]])
     assert ev["lcs"][0]["penultimate"] == pytest.approx(alone["penultimate"], rel=1e-5)
 
@@ -160,3 +161,21 @@ def test_stale_metrics_are_refused(workdir):
     with pytest.raises(DataError, match="another params.yaml"):
         load_eval_metrics(changed, "erm")
     assert params_hash("evaluate", load_params("params.yaml", overrides={"train.threads": 1}), "erm") == params_hash("evaluate", params, "erm")
+
+
+def test_a_report_of_methods_run_in_different_precisions_is_refused(workdir):
+    """`auto` precision resolves per machine: two methods trained or evaluated on different CPUs may have run
+    in bf16 and fp32. The lifecycle's report names them instead of comparing them."""
+    from iga.stages import params_hash
+    from tasks.lifecycle import collect
+    from tasks.paths import eval_metrics, history_file, train_metrics
+
+    params = load_params("params.yaml")
+    for method, precision in (("erm", "float32"), ("iga", "bfloat16")):
+        for path, content in ((eval_metrics(method), {"params_hash": params_hash("evaluate", params, method),
+                                                      "dtype": "float32"}),
+                              (train_metrics(method), {"precision": precision}), (history_file(method), None)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("" if content is None else json.dumps(content))
+    with pytest.raises(DataError, match="different train_precision cannot share a table: float32: erm; bfloat16: iga"):
+        collect.fn(params)

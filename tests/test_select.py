@@ -1,6 +1,13 @@
 """The select stage: RSR scores under the student (batched = one row at a time = a direct computation),
 every strategy's choice, and `flows.select` on real Prefect with the tiny student: `first` hands training
-the split's own rows, `rsr` keeps each instance's lowest-RSR eligible candidate."""
+the split's own rows (no student, no teacher), `rsr` keeps each instance's lowest-RSR eligible candidate."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,8 +58,6 @@ def test_dataset_rsr_is_a_ratio_of_means():
 
 @pytest.fixture
 def split_project(prefect_api_url, workdir, tiny_base):
-    import shutil
-
     from flows.data import data_flow
 
     write_params(workdir, {"seeds.n": 12, "teacher.samples": 3, "teacher.flaw_rate": 0.3, "split.test_fraction": 0.4})
@@ -61,20 +66,27 @@ def split_project(prefect_api_url, workdir, tiny_base):
     return workdir
 
 
-def test_select_first_hands_training_the_split_rows_and_rsr_the_lowest(split_project):
+def test_select_first_hands_training_the_split_rows_and_rsr_the_lowest(split_project, prefect_api_url):
     from flows.select import select_flow
 
+    # first: the split's rows as they are, with neither the student (none here) nor a teacher key (an openai
+    # teacher is configured, no OPENAI_API_KEY is set), as `python -m flows.select` runs in the DVC stage
+    base = shutil.move("models/base", "base-elsewhere")
+    overrides = {"seeds.n": 12, "teacher.samples": 3, "teacher.flaw_rate": 0.3, "split.test_fraction": 0.4}
+    write_params(split_project, overrides | {"teacher.provider": "openai"})
+    done = subprocess.run([sys.executable, "-m", "flows.select"], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PREFECT_API_URL": prefect_api_url})
+    assert done.returncode == 0, done.stderr[-3000:]
     train = read_jsonl("data/split/train.jsonl")
-    first = select_flow("params.yaml")
     selected = read_jsonl("data/select/train.jsonl")
-    assert first["kept_own"] == len(train) == len(selected)
+    first = json.loads(Path("metrics/select.json").read_text())
+    assert first["kept_own"] == len(train) == len(selected) and first["scored_trajectories"] == 0
     for a, b in zip(train, selected):
-        assert {k: b[k] for k in a} == a  # every field of the split's row, unchanged
-        assert b["sample"] == 0 and {"rsr", "avg_rank", "avg_nll"} <= b.keys()
+        assert b == a | {"sample": 0}  # every field of the split's row, unchanged, and nothing scored
     assert read_jsonl("data/select/ledger.jsonl") == []
+    shutil.move(base, "models/base")
 
-    write_params(split_project, {"seeds.n": 12, "teacher.samples": 3, "teacher.flaw_rate": 0.3, "split.test_fraction": 0.4,
-                                 "select.strategy": "rsr"})
+    write_params(split_project, overrides | {"select.strategy": "rsr"})
     metrics = select_flow("params.yaml")
     selected = read_jsonl("data/select/train.jsonl")
     candidates = read_jsonl("data/select/candidates.jsonl")

@@ -24,7 +24,7 @@ def _body(stage: str) -> dict:
 @pytest.mark.parametrize("stage", list(DVC))
 def test_dvc_yaml_lists_the_code_and_params_of_the_spec(stage):
     body = _body(stage)
-    code = [d for d in body["deps"] if d not in OUTS and not d.startswith(("data/", "models/"))]
+    code = [d for d in body["deps"] if d not in OUTS and not d.startswith(("data/", "models/", "experiments/"))]
     expected = "\n".join(f"      - {d}" for d in dvc_code(stage))
     assert sorted(code) == dvc_code(stage), f"dvc.yaml {stage} deps: the code it runs is\n{expected}"
     assert body["params"] == dvc_params(stage), f"dvc.yaml {stage} params: the spec says {dvc_params(stage)}"
@@ -35,6 +35,29 @@ def test_every_dvc_stage_has_a_spec_and_runs_its_flow():
         if stage in DVC:
             assert _body(stage)["cmd"].split()[:3] == ["python", "-m", spec.entry[0]]
     assert set(DVC) <= set(STAGES)
+
+
+def test_the_pair_stages_are_those_params_yaml_asks_for():
+    from iga.experiment.pairs import REGENERATE, check, dvc_pairs, render
+    from tasks.paths import PAIRS
+
+    assert yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"] == [str(PAIRS)]
+    found = yaml.safe_load((ROOT / PAIRS).read_text())["pairs"]
+    assert found == dvc_pairs(P), f"run `{REGENERATE}`, or write {PAIRS} as\n{render(dvc_pairs(P))}"
+    check(P, found, str(PAIRS))
+
+
+def test_a_pair_stage_declares_the_outputs_the_pair_writes():
+    from iga.experiment.sweep import Pair
+    from tasks.paths import pair_outputs
+
+    pair = Pair("iga-n2", 1, 2)
+    for group in ("run", "sweep"):
+        outs = [next(iter(o)) for o in _body(group)["outs"]]
+        resolved = [o.replace("${item.run}", pair.run).replace("${item.draw}", str(pair.draw))
+                    .replace("${item.seed}", str(pair.seed)) for o in outs]
+        assert resolved == [str(p) for p in pair_outputs(*pair).values()]
+        assert all(o[next(iter(o))] == {"cache": False} for o in _body(group)["outs"])  # committed to git
 
 
 def test_settings_that_change_nothing_leave_the_hashes_alone():

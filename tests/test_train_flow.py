@@ -1,6 +1,7 @@
 """The `student` and `train` flows on real Prefect and MLflow (sqlite in the work dir), tiny student;
 and a `kill -9` of the training process, then a re-run that resumes to the same adapter."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import isomer_rows, write_params
-from iga.io import write_jsonl
-from tasks.paths import SELECTED, adapter_dir, checkpoint_dir, history_file, train_metrics
+from ddp_ranks import distance, norm, other_order, tolerance
+from iga.io import read_jsonl, write_jsonl
+from tasks.paths import BASE_MODEL, SELECTED, adapter_dir, checkpoint_dir, history_file, train_metrics
 
 IGA_METRICS = {"loss", "lr", "step_time_s", "mask_mean", "mask_frac_below_half", "vhat_mean", "proj_residual",
                "loss/mathematics", "loss/science"}
@@ -101,27 +103,62 @@ def test_unknown_method_is_one_clear_error(trainable_dir, prefect_api_url):
     assert "error: params: no method 'nope' under methods" in proc.stderr
 
 
+def reordered_single(method: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(start, end): the adapter before and after `method`'s training as tasks/train.py runs it in one process
+    on params.yaml, but with every micro-batch's rows in another order and padded wider (ddp_ranks.other_order),
+    the same computation with other rounding: its distance from the flow's adapter is that training's own
+    rounding noise. Keyed as the saved adapter."""
+    from peft import get_peft_model_state_dict
+
+    from iga.params import load_params
+    from iga.train.loop import train
+    from iga.train.methods import build_method
+    from iga.train.sft import batcher, encode_groups, isomer_groups
+    from iga.train.student import load_student
+
+    params = load_params("params.yaml")
+    tp = params.train
+    model, tokenizer = load_student(BASE_MODEL, params.lora, params.student.dtype, seed=tp.seed)
+    start = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    groups, _ = encode_groups(tokenizer, isomer_groups(read_jsonl(SELECTED), params.domains.train, "rows"),
+                              tp.max_length)
+    shares = batcher(groups, tp, tp.groups_per_batch, tokenizer.pad_token_id)
+    train(model, build_method(params.methods[method], model, params.domains.train),
+          lambda step: [other_order(b, tokenizer.pad_token_id) for b in shares(step)], tp, checkpoint_dir("noise"),
+          "noise", torch.device("cpu"))
+    return start, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
 def test_two_ranks_write_the_single_process_adapter(trainable_dir, prefect_api_url):
     """`train.nproc: 2` makes `python -m flows.train` (the DVC stage's command) start torchrun; its adapter
-    equals the single process's on the same global batch, and a batch that does not divide is refused."""
+    equals the single process's on the same global batch, and a batch that does not divide is refused.
+    "Equals": within ddp_ranks.tolerance of the training's own rounding noise, as in test_distributed.py (here in
+    float32, pinned: `auto` would be bf16 autocast on some CPUs and not on others)."""
     from flows.train import train_flow
 
-    write_params(trainable_dir, {"train.steps": 3, "train.groups_per_batch": 2})
+    setting = {"train.steps": 3, "train.groups_per_batch": 2, "train.precision": "float32"}
+    write_params(trainable_dir, setting)
     train_flow("params.yaml", method="iga")
     single = load_file(adapter_dir("iga") / "adapter_model.safetensors")
     assert json.loads(train_metrics("iga").read_text())["world_size"] == 1
+    start, noisy = reordered_single("iga")
+    noise, moved = distance(noisy, single), distance(single, start)
+    assert noise <= moved / 1000, (noise, moved)  # the reference is this training, in another rounding
 
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
-    write_params(trainable_dir, {"train.steps": 3, "train.groups_per_batch": 2, "train.nproc": 2})
+    write_params(trainable_dir, {**setting, "train.nproc": 2})
     done = subprocess.run([sys.executable, "-m", "flows.train", "iga"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = load_file(adapter_dir("iga") / "adapter_model.safetensors")
-    for name, a in single.items():
-        assert (ranks[name] - a).norm() <= 1e-4 * a.norm(), name
+    d, bound = distance(ranks, single), tolerance(noise, norm(single), torch.float32)
+    words = (f"‖2 ranks − 1‖ = {d:.3g} = {d / noise if noise else math.inf:.3g} × the noise {noise:.3g} (‖a‖ "
+             f"{norm(single):.3g}), bound {bound:.3g}; training moved the adapter {moved:.3g}")
+    print(words)
+    assert d <= bound, words
     assert json.loads(train_metrics("iga").read_text())["world_size"] == 2
 
-    write_params(trainable_dir, {"train.steps": 3, "train.groups_per_batch": 3})
+    write_params(trainable_dir, {**setting, "train.groups_per_batch": 3})
     refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               "-m", "flows.train", "iga"], env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0

@@ -82,7 +82,7 @@ def test_a_wrong_student_line_raises_the_weight_of_that_teacher_line(tiny_base, 
     lines = row["cot_solution"].split("\n")
     wrong = lines[0].rsplit(" ", 1)[0] + " 99999."
 
-    def propose(model, tokenizer, requests, max_tokens, stop_ids):
+    def propose(model, tokenizer, requests, max_tokens):
         return [wrong if len(prefix) == 0 else lines[len(prefix)] for _, prefix in requests]
 
     monkeypatch.setattr(methods, "propose_lines", propose)
@@ -111,7 +111,7 @@ def test_a_flawed_teacher_line_loses_its_weight(tiny_base, monkeypatch):
     lines = row["cot_solution"].split("\n")
     flawed = {**row, "cot_solution": "\n".join([lines[0].rsplit(" ", 1)[0] + " 99999.", *lines[1:]])}
     monkeypatch.setattr(methods, "propose_lines",
-                        lambda model, tokenizer, requests, max_tokens, stop_ids: [lines[len(p)] for _, p in requests])
+                        lambda model, tokenizer, requests, max_tokens: [lines[len(p)] for _, p in requests])
     groups, _ = encode_groups(tokenizer, [[flawed]], 1024)
     b = collate(groups, tokenizer.pad_token_id, seed=0)
     b.n_domains = 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-_ANSWER_LINE = re.compile(r"^\s*(?:final\s+)?answer\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+ANSWER_LINE = re.compile(r"^\s*(?:final\s+)?answer\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 _GSM = re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)
 _NUMBER = re.compile(r"^[-+]?\$?\s*(\d[\d,]*(?:\.\d+)?)")
 
@@ -12,7 +12,7 @@ def answer_text(text: str | None) -> str | None:
     """The raw X of the last `Answer: X` (or GSM8K `#### X`) line of a solution; None if absent."""
     if not text:
         return None
-    found = _ANSWER_LINE.findall(text) or _GSM.findall(text)
+    found = ANSWER_LINE.findall(text) or _GSM.findall(text)
     return found[-1] if found else None
 
 
@@ -40,4 +40,4 @@ def count_steps(cot: str | None) -> int | None:
     if not cot:
         return None
     lines = [ln for ln in cot.splitlines() if ln.strip()]
-    return sum(1 for ln in lines if not (_ANSWER_LINE.match(ln) or _GSM.match(ln)))
+    return sum(1 for ln in lines if not (ANSWER_LINE.match(ln) or _GSM.match(ln)))

@@ -10,7 +10,11 @@ from the same teacher-forced pass.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections import Counter
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -22,10 +26,11 @@ from iga.data.answers import extract_answer, normalize_answer
 from iga.eval.external import extract_prediction, is_correct, load_benchmark
 from iga.eval.scores import DEPTHS, score_records
 from iga.hardware import describe, resolve_device, resolve_precision
-from iga.params import Params
-from iga.train.decode import greedy
-from iga.train.methods import forward_losses
-from iga.train.sft import collate, encode, isomer_groups, prompt_text
+from iga.params import Budget, Params
+from iga.train import decode
+from iga.train.decode import Completion, Stop
+from iga.train.forced import teacher_forced
+from iga.train.sft import IGNORE, encode, isomer_groups, prompt_text
 from iga.train.student import load_trained
 
 
@@ -35,62 +40,47 @@ def depth_layers(n_layers: int) -> dict[str, int]:
             "penultimate": n_layers - 1}
 
 
-@torch.no_grad()
-def generate(model: Any, tokenizer: Any, problems: list[str], max_new_tokens: int, batch_size: int,
-             on_batch: Callable[[int], None] = lambda n: None) -> list[str]:
-    """Greedy completions, in batches of similar prompt length (left-padded)."""
-    prompts = [prompt_text(tokenizer, p) for p in problems]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    out: list[str] = [""] * len(prompts)
-    model.eval()
-    tokenizer.padding_side = "left"  # every row's next token follows its last position
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        rows = greedy(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), max_new_tokens,
-                      tokenizer.eos_token_id)
-        for i, ids in zip(idx, rows):
-            out[i] = tokenizer.decode(ids, skip_special_tokens=True)
-        on_batch(len(idx))
-    return out
+LINE_FACTOR = 2  # a line this many times longer than the longest training line ends a completion
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How evaluation generates: its token budget and its stop rule (iga.train.decode.Stop)."""
+    max_new_tokens: int
+    stop: Stop
+
+
+def decoding(max_new_tokens: Budget, tokenizer: Any, train: Iterable[dict[str, Any]]) -> Decoding:
+    """Evaluation's generation sized from the training CoTs (`train`, the rows the student imitates): the
+    token budget as set, or for `auto` the tokens the longest training CoT takes with its answer and
+    end-of-turn token, and `evaluation_stop` for their longest line."""
+    train = list(train)
+    lines = [len(tokenizer(line, add_special_tokens=False)["input_ids"]) for r in train
+             for line in r["cot_solution"].split("\n")]
+    if max_new_tokens == "auto":
+        max_new_tokens = max(sum(label != IGNORE for label in encode(tokenizer, r["problem"], r["cot_solution"]).labels)
+                             for r in train)
+    return Decoding(max_new_tokens, evaluation_stop(max(lines)))
+
+
+def evaluation_stop(longest_line: int) -> Stop:
+    """A completion stops once its `Answer:` line is complete, or once a line runs past LINE_FACTOR times
+    `longest_line`, the longest training line's tokens. On the demo's full-length completions neither
+    changed a score (tests/test_decode.py, docs/measured.md)."""
+    return Stop(answer=True, line_tokens=LINE_FACTOR * longest_line)
+
+
+def generate(model: Any, tokenizer: Any, problems: list[str], how: Decoding, batch_size: int,
+             on_done: Callable[[int], None] = lambda n: None) -> list[Completion]:
+    """Greedy completions of `problems` in the student's chat template, each stopped as `how` says."""
+    return decode.generate(model, tokenizer, [prompt_text(tokenizer, p) for p in problems], how.max_new_tokens,
+                           batch_size, how.stop, on_done)
 
 
 def score(rows: list[dict[str, Any]], completions: list[str]) -> list[bool]:
     """Exact match of each completion's extracted answer with the row's gold answer."""
     return [(pred := extract_answer(c)) is not None and pred == normalize_answer(str(r["answer"]))
             for r, c in zip(rows, completions)]
-
-
-@torch.no_grad()
-def teacher_forced(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int,
-                   layers: Iterable[int] = (), skip: list[int | None] | None = None,
-                   on_batch: Callable[[int], None] = lambda n: None
-                   ) -> tuple[list[tuple[float, int]], list[dict[int, Tensor] | None]]:
-    """One forward pass per batch (rows of similar length) over each row's prompt + gold CoT, with
-    training's encoding and loss (`encode`, `forward_losses`): each row's completion NLL (sum over
-    its tokens, their count) and, where `skip[i]` is not None, its hidden states at `layers`
-    averaged over its tokens from position `skip[i]` on (LCS)."""
-    layers = sorted(set(layers))
-    skip = skip or [None] * len(rows)
-    encoded = [encode(tokenizer, r["problem"], r["cot_solution"]) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(encoded[i].input_ids), reverse=True)
-    nll: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    states: list[dict[int, Tensor] | None] = [None] * len(rows)
-    model.eval()
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = collate([[encoded[i]] for i in idx], tokenizer.pad_token_id, seed=0).to(device)
-        want = bool(layers) and any(skip[i] is not None for i in idx)
-        sums, counts, hidden = forward_losses(model, batch, hidden_states=want)
-        for j, i in enumerate(idx):
-            nll[i] = (float(sums[j]), int(counts[j]))
-            if want and skip[i] is not None:
-                span = slice(skip[i], len(encoded[i].input_ids))  # right padding: the row's own tokens
-                states[i] = {layer: hidden[layer][j, span].float().mean(dim=0) for layer in layers}
-        on_batch(len(idx))
-    return nll, states
 
 
 def shared_prefix(seqs: list[list[int]]) -> int:
@@ -128,7 +118,7 @@ def for_evaluation(model: Any, dtype: str, device: torch.device) -> Any:
 
 def evaluate_student(model: Any, tokenizer: Any, test: list[dict[str, Any]], ood: list[dict[str, Any]],
                      external: dict[str, list[dict[str, Any]]], train_domains: tuple[str, ...], *,
-                     to_generate: set[tuple[str, str]] | None, max_new_tokens: int, batch_size: int,
+                     to_generate: set[tuple[str, str]] | None, how: Decoding, batch_size: int,
                      nll_batch_size: int, lcs_groups: int, source: str, lcs_rows: list[dict[str, Any]] | None = None,
                      progress: Progress = lambda what, total: lambda n: None) -> dict[str, Any]:
     """Score a (merged) student on the held-out sets: NLL of every test and OOD row, greedy accuracy of
@@ -141,9 +131,11 @@ def evaluate_student(model: Any, tokenizer: Any, test: list[dict[str, Any]], ood
     chosen = {name: [r for r in rows if to_generate is None or key(r) in to_generate]
               for name, rows in held_out.items()} | external
     problems = [r["problem"] for rows in chosen.values() for r in rows]
-    flat = iter(generate(model, tokenizer, problems, max_new_tokens, batch_size,
-                         on_batch=progress("generating", len(problems))))
+    t0 = time.perf_counter()
+    made = generate(model, tokenizer, problems, how, batch_size, on_done=progress("generating", len(problems)))
+    flat, t1 = iter(made), time.perf_counter()
     done = {name: [next(flat) for _ in rows] for name, rows in chosen.items()}  # one call: fuller batches
+    texts = {name: [c.text for c in made] for name, made in done.items()}
 
     # NLL of every held-out row and the LCS states of the chosen groups, from one teacher-forced pass
     layers = depth_layers(model.config.num_hidden_layers)
@@ -153,38 +145,52 @@ def evaluate_student(model: Any, tokenizer: Any, test: list[dict[str, Any]], ood
             for seqs in [[encode(tokenizer, x["problem"], x["cot_solution"]).input_ids for x in g]] for r in g}
     rows = test + ood
     rows += [r for g in groups for r in g if key(r) not in {key(x) for x in rows}]
-    nll, states = teacher_forced(model, tokenizer, rows, nll_batch_size, layers.values(), [skip.get(key(r)) for r in rows],
-                                 on_batch=progress("NLL and LCS", len(rows)))
+    forced = teacher_forced(model, tokenizer, [(r["problem"], r["cot_solution"]) for r in rows], nll_batch_size,
+                            layers=layers.values(), skip=[skip.get(key(r)) for r in rows],
+                            on_batch=progress("NLL and LCS", len(rows)))
+    t2 = time.perf_counter()
     by_key = {key(r): i for i, r in enumerate(rows)}
 
     scores, completions = [], []
     for name, part in held_out.items():
-        correct = {key(r): hit for r, hit in zip(chosen[name], score(chosen[name], done[name]))}
-        scores += score_records(name, part, [correct.get(key(r)) for r in part], [nll[by_key[key(r)]] for r in part])
-        completions += [{"set": name, "id": f"{r['group_id']}/{r['domain']}", "gold": r["answer"],
-                         "predicted": extract_answer(c), "completion": c} for r, c in zip(chosen[name], done[name])]
+        correct = {key(r): hit for r, hit in zip(chosen[name], score(chosen[name], texts[name]))}
+        nll = [(forced[by_key[key(r)]].nll, forced[by_key[key(r)]].tokens) for r in part]
+        scores += score_records(name, part, [correct.get(key(r)) for r in part], nll)
+        completions += [_record(name, f"{r['group_id']}/{r['domain']}", r["answer"], extract_answer(c.text), c)
+                        for r, c in zip(chosen[name], done[name])]
     for name, part in external.items():
-        preds = [extract_prediction(name, c) for c in done[name]]
+        preds = [extract_prediction(name, c) for c in texts[name]]
         scores += score_records(name, part, [is_correct(name, p, r["answer"]) for p, r in zip(preds, part)])
-        completions += [{"set": name, "id": r["id"], "gold": r["answer"], "predicted": p, "completion": c}
-                        for r, p, c in zip(part, preds, done[name])]
-    consistency = [lcs_record(g, [states[by_key[key(r)]] for r in g], layers) for g in groups]
-    return {"scores": scores, "lcs": consistency, "lcs_layers": layers, "completions": completions}
+        completions += [_record(name, r["id"], r["answer"], p, c) for r, p, c in zip(part, preds, done[name])]
+    consistency = [lcs_record(g, [forced[by_key[key(r)]].states for r in g], layers) for g in groups]
+    cost = {"generating_s": round(t1 - t0, 1), "teacher_forced_s": round(t2 - t1, 1),
+            "generated_tokens": sum(c.tokens for c in made), "stops": dict(sorted(Counter(c.stop for c in made).items()))}
+    return {"scores": scores, "lcs": consistency, "lcs_layers": layers, "completions": completions, "cost": cost}
+
+
+def _record(name: str, row_id: str, gold: Any, predicted: str | None, c: Completion) -> dict[str, Any]:
+    """A completion as completions.jsonl keeps it: what was read from it, how many tokens it took and why
+    it stopped (iga.train.decode.Completion)."""
+    return {"set": name, "id": row_id, "gold": gold, "predicted": predicted, "completion": c.text, "tokens": c.tokens,
+            "stop": c.stop}
 
 
 def score_adapter(params: Params, base: Path, adapter: Path, test: list[dict[str, Any]], ood: list[dict[str, Any]],
-                  source: str, name: str) -> dict[str, Any]:
+                  train: list[dict[str, Any]], source: str, name: str) -> dict[str, Any]:
     """The lifecycle's evaluation of one adapter: `base` with `adapter` merged in, on every test and OOD
-    row and the configured external benchmarks (`eval`), with a progress bar per phase named `name`."""
+    row and the configured external benchmarks (`eval`; `train`, the training rows, size an `auto` token
+    budget), with a progress bar per phase named `name`."""
     ev = params.eval
     torch.set_num_threads(ev.threads)
     device = resolve_device(params.train.device)
     model, tokenizer = load_trained(base, adapter, params.student.dtype)
     model = for_evaluation(model, ev.dtype, device)
+    how = decoding(ev.max_new_tokens, tokenizer, train)
     with ExitStack() as bars:  # a progress bar per phase, each closed at the end
         evaluation = evaluate_student(
             model, tokenizer, test, ood, {b: load_benchmark(b, e.limit) for b, e in ev.external.items() if e.limit},
-            params.domains.train, to_generate=None, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+            params.domains.train, to_generate=None, how=how, batch_size=ev.batch_size,
             nll_batch_size=ev.nll_batch_size, lcs_groups=ev.lcs_groups, source=source,
             progress=lambda what, total: bars.enter_context(tqdm(total=total, desc=f"{name}: {what}")).update)
-    return evaluation | {"device": describe(device), "dtype": resolve_precision(ev.dtype, device)}
+    return evaluation | {"device": describe(device), "dtype": resolve_precision(ev.dtype, device),
+                         "decoding": dataclasses.asdict(how)}

@@ -1,44 +1,195 @@
-"""Greedy decoding for evaluation (whole completions) and for training methods that read the
-student's own next line (validity-calibrated distillation)."""
+"""Greedy decoding, the one generation path: evaluation's whole completions and validity-calibrated
+distillation's next lines (the student's own line under a gold prefix).
+
+The batch holds `batch_size` rows with their KV cache (iga.train.kvcache): a row that finishes leaves
+its slot to the next prompt, so the batch stays full until the prompts run out (a few completions that
+never end no longer hold a batch of finished rows behind them), and a row stops as soon as what it could
+still generate cannot change what is read from it (`Stop`): its first line (VCD), a complete `Answer:`
+line, or a line that runs on. Tokens generated after that point cost time and change no score
+(docs/measured.md: what the rule cut from the demo's completions, and that it changed none of their scores).
+"""
 from __future__ import annotations
 
-from typing import Any
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
-from torch import Tensor
+
+from iga.data.answers import ANSWER_LINE
+
+
+
+@dataclass(frozen=True)
+class Stop:
+    """When a row stops before its end-of-turn token or the token budget.
+
+    lines: after this many line ends (VCD's next line: 1).
+    answer: once a line that states the answer (`Answer: X`) is complete. Evaluation reads the last such
+        line: the rule holds where a completion does not go on to answer again otherwise.
+    line_tokens: once its current line runs past this many tokens (a line that repeats a phrase).
+    Repeated lines are not a stop: the demo's students often repeat a step, up to 19 times, and then answer
+    (docs/measured.md). The evaluation's rule and its limits come from the training data
+    (iga.eval.evaluate.decoding).
+    """
+    lines: int | None = None
+    answer: bool = False
+    line_tokens: int | None = None
+
+    def reason(self, text: str) -> str | None:
+        """Why a row whose generated text so far is `text`, having just ended a line, stops now (None: it
+        goes on). The long-line rule is checked token by token (`Watch`), not here."""
+        ends = text.count("\n")
+        if self.lines is not None and ends >= self.lines:
+            return "line"
+        if self.answer and any(ANSWER_LINE.match(line) for line in text.split("\n")[:ends]):
+            return "answer"
+        return None
+
+
+SLACK = 32  # dead cache positions before every row's start that are moved out (kvcache.Slots.shift)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int  # generated tokens, end-of-turn excluded
+    stop: str  # eos | budget | line | answer | long_line
+
+
+def line_end_ids(tokenizer: Any) -> frozenset[int]:
+    """Vocabulary entries that contain a newline: the tokens after which a row's lines are checked."""
+    vocab = tokenizer.get_vocab()
+    return frozenset(i for i in vocab.values() if "\n" in tokenizer.decode([i]))
+
+
+class Watch:
+    """`Stop` applied to the rows of one batch as their tokens arrive: a row's lines are decoded and checked
+    only when it ends one; its current line's length is counted at every token."""
+
+    def __init__(self, stop: Stop, tokenizer: Any, line_ends: frozenset[int], rows: int):
+        self.stop, self.tokenizer, self.line_ends = stop, tokenizer, line_ends
+        self.line = [0] * rows  # tokens in each row's current line
+
+    def __call__(self, row: int, ids: list[int]) -> str | None:
+        """Why `row`, whose generated tokens are now `ids`, stops after the last of them (None: it goes on)."""
+        if ids[-1] not in self.line_ends:
+            self.line[row] += 1
+            limit = self.stop.line_tokens
+            return "long_line" if limit is not None and self.line[row] > limit else None
+        self.line[row] = 0
+        return self.stop.reason(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 @torch.no_grad()
-def greedy(model: Any, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, eos_id: int,
-           stop_ids: frozenset[int] = frozenset()) -> list[list[int]]:
-    """Greedy decoding with the KV cache, where a finished row leaves the batch and the cache. A row
-    finishes at `eos_id` (not kept) or after a token of `stop_ids` (kept: e.g. the end of a line).
+def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int, batch_size: int,
+           stopped: Callable[[int, list[int]], str | None] = lambda row, ids: None,
+           on_done: Callable[[int], None] = lambda row: None) -> list[tuple[list[int], str]]:
+    """Greedy decoding of every prompt (token ids), `batch_size` rows at a time with the KV cache: a row
+    finishes at `eos_id` (not kept), after `max_new_tokens`, or when `stopped(row, its tokens so far)` gives
+    a reason; its slot then takes the next prompt, so the batch stays full until the prompts run out, when
+    finished rows leave it. Returns each prompt's tokens and why it finished, in the order given.
 
-    `model.generate` keeps decoding finished rows until the longest one ends; with a few completions
-    that never stop, a batch then costs max_new_tokens x its size. Here it costs what it generates.
+    `model.generate` keeps decoding finished rows until the longest one ends; with a few completions that
+    never stop, a batch then costs max_new_tokens x its size. Here it costs what it generates.
     """
     from transformers import DynamicCache
 
-    out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    live = torch.arange(input_ids.shape[0])
-    cache = DynamicCache()
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    for step in range(max_new_tokens):
-        token = logits.argmax(-1)
-        going = token != eos_id
-        for row, t in zip(live[going].tolist(), token[going].tolist()):
-            out[row].append(t)
-        if stop_ids:
-            going &= torch.tensor([t not in stop_ids for t in token.tolist()], device=going.device)
-        if step + 1 == max_new_tokens or not going.any():
-            break
-        if not going.all():
-            cache.batch_select_indices(going.nonzero().squeeze(1))
-            live, token, attention_mask = live[going], token[going], attention_mask[going]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=attention_mask,
-                       position_ids=attention_mask.sum(-1, keepdim=True) - 1, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-    return out
+    from iga.train.kvcache import Slots  # transformers: imported when decoding, not with the training code
+
+    out: list[list[int]] = [[] for _ in prompts]
+    why = ["budget"] * len(prompts)
+    device = next(model.parameters()).device
+    pending = deque(range(len(prompts)))
+    longest = max(map(len, prompts))
+    cache = Slots(model.config.num_hidden_layers, min(batch_size, len(prompts)), longest + max_new_tokens + SLACK)
+    cache.start(longest)
+    rows = [-1] * cache.slots  # the prompt each slot decodes
+    token = torch.zeros(cache.slots, dtype=torch.long, device=device)  # each slot's newest token, not yet taken
+    mask = torch.zeros(cache.slots, cache.capacity, dtype=torch.long, device=device)  # the positions a slot reads
+
+    def admit(slots: list[int]) -> list[int]:
+        """The next prompts into `slots`, each with its first token; returns the slots filled."""
+        take = [pending.popleft() for _ in range(min(len(slots), len(pending)))]
+        if not take:
+            return []
+        lengths = torch.tensor([len(prompts[r]) for r in take], device=device)
+        width = int(lengths.max())
+        ids = torch.tensor([[pad_id] * (width - len(prompts[r])) + prompts[r] for r in take], device=device)
+        part = (torch.arange(width, device=device) >= width - lengths[:, None]).long()  # left padding
+        own = DynamicCache()
+        logits = model(input_ids=ids, attention_mask=part, position_ids=(part.cumsum(-1) - 1).clamp(min=0),
+                       past_key_values=own, use_cache=True, logits_to_keep=1).logits[:, -1]
+        end = cache.length
+        for j, (slot, r) in enumerate(zip(slots, take)):
+            cache.place(slot, own, j, len(prompts[r]))
+            mask[slot] = 0
+            mask[slot, end - len(prompts[r]):end] = 1
+            rows[slot] = r
+        token[slots[:len(take)]] = logits.argmax(-1)
+        return slots[:len(take)]
+
+    def taken(slot: int) -> bool:
+        """The slot's newest token taken into its row's completion; True when the row is finished."""
+        r, t = rows[slot], int(token[slot])
+        if t == eos_id:
+            why[r] = "eos"
+        else:
+            out[r].append(t)
+            why[r] = stopped(r, out[r]) or why[r]
+        finished = why[r] != "budget" or len(out[r]) == max_new_tokens
+        if finished:
+            on_done(r)
+        return finished
+
+    fresh = admit(list(range(cache.slots)))
+    while True:
+        done = [slot for slot in fresh if taken(slot)]
+        if done:
+            filled = admit(done)
+            gone = done[len(filled):]  # no prompt left for these slots: they leave the batch
+            if gone:
+                keep = [slot for slot in range(len(rows)) if slot not in gone]
+                index = torch.tensor(keep, dtype=torch.long, device=device)
+                cache.batch_select_indices(index)
+                rows, token, mask = [rows[slot] for slot in keep], token[index], mask[index]
+                filled = [keep.index(slot) for slot in filled]
+            if filled:
+                fresh = filled  # their first tokens are taken before the batch decodes on
+                continue
+        if not rows:
+            return list(zip(out, why))
+        # Attention reads every row's cache up to `length`: once SLACK positions before every row's start are
+        # dead (keeping room for the next prompt, which comes no longer than the last), all move back together.
+        room = len(prompts[pending[0]]) if pending else 0
+        dead = min(int(mask[:, :cache.length].argmax(-1).min()), cache.length - room)
+        if dead >= SLACK:
+            cache.shift(dead)
+            mask[:, :cache.capacity - dead] = mask[:, dead:].clone()
+            mask[:, cache.capacity - dead:] = 0
+        mask[:, cache.length] = 1
+        reads = mask[:, :cache.length + 1]
+        token = model(input_ids=token[:, None], attention_mask=reads, position_ids=reads.sum(-1, keepdim=True) - 1,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+        fresh = list(range(len(rows)))
+
+
+def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int, batch_size: int, stop: Stop,
+             on_done: Callable[[int], None] = lambda n: None) -> list[Completion]:
+    """Greedy completions of `texts` (prompts already in the chat template), the longest prompts first (the
+    prompts that join the batch together are padded to the longest of them). `on_done(1)` as each finishes."""
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+    prompts = [encoded[i] for i in order]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        rows = greedy(model, prompts, max_new_tokens, tokenizer.eos_token_id, pad, batch_size,
+                      Watch(stop, tokenizer, line_end_ids(tokenizer), len(prompts)), lambda row: on_done(1))
+    finally:
+        model.train(was_training)
+    out: list[Completion | None] = [None] * len(texts)
+    for i, (ids, why) in zip(order, rows):
+        out[i] = Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids), why)
+    return out  # type: ignore[return-value]

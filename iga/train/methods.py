@@ -21,9 +21,10 @@ from iga.core import conflict_mask, lora_factor_grads, normalized_variance, proj
 from iga.errors import ConfigError
 from iga.params import AndMaskConfig, IGAConfig, MethodConfig, PenaltyConfig, SandMaskConfig, VCDConfig
 from iga.train.distributed import World
-from iga.train.pergrad import LoraLayer, lora_layers, per_domain_gradients
+from iga.train.forced import completion_logits, completion_nll
+from iga.train.pergrad import LoraLayer, at_least_fp32, lora_layers, per_domain_gradients
 from iga.train.sft import IGNORE, Batch
-from iga.train.vcd import line_weight, newline_ids, propose_lines, token_lines
+from iga.train.vcd import line_weight, propose_lines, token_lines
 
 
 def token_losses(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -34,20 +35,9 @@ def token_losses(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
 
 def forward_losses(model: nn.Module, batch: Batch, hidden_states: bool = False, weights: Tensor | None = None
                    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...] | None]:
-    """`token_losses`, and every layer's hidden states when asked. The vocabulary projection runs only
-    at the positions that predict a labelled token (the completion), not over the whole prompt.
-    `weights` (one per labelled token, in row-major order) scale each token's loss (VCD)."""
-    labels = batch.labels[:, 1:]
-    labelled = labels != IGNORE
-    keep = torch.cat([labelled, labelled.new_zeros(labelled.shape[0], 1)], dim=1)  # position t predicts token t + 1
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
-                output_hidden_states=hidden_states)
-    loss = F.cross_entropy(out.logits.float(), labels[labelled], reduction="none")  # (labelled tokens,)
-    if weights is not None:
-        loss = loss * weights
-    rows = labelled.nonzero()[:, 0]
-    sums = torch.zeros(labels.shape[0], dtype=loss.dtype, device=loss.device).index_add(0, rows, loss)
-    return sums, labelled.sum(dim=1), out.hidden_states if hidden_states else None
+    """`token_losses` (weighted by `weights`, see `completion_nll`), and every layer's hidden states when asked."""
+    c = completion_logits(model, batch, hidden_states)
+    return completion_nll(c, weights), c.counts, c.hidden
 
 
 def domain_means(sums: Tensor, counts: Tensor, n_domains: int, world: World = World()) -> Tensor:
@@ -114,9 +104,9 @@ class Penalty(Method):
         """Each domain's logits times its own dummy scale (1); the penalty's unbiased estimate pairs the
         losses on the even and the odd labelled positions of that domain's rows."""
         n = batch.n_domains
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+        logits = at_least_fp32(self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1])
         labels = batch.labels[:, 1:]
-        scale = torch.ones(n, device=logits.device, requires_grad=True)
+        scale = torch.ones(n, dtype=logits.dtype, device=logits.device, requires_grad=True)  # its gradients too
         rows = logits.shape[0] // n
         scaled = logits * scale.repeat_interleave(rows)[:, None, None]
         loss = F.cross_entropy(scaled.reshape(-1, scaled.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
@@ -180,7 +170,7 @@ class GradientRule(Method):
         per_domain: dict[nn.Parameter, Tensor] = {}
 
         def collect(layer: LoraLayer, G: Tensor) -> None:
-            A, B = layer.A.detach().float(), layer.B.detach().float()
+            A, B = at_least_fp32(layer.A.detach()), at_least_fp32(layer.B.detach())
             owner = self.owners[layer.name]
             for param, grads in zip((layer.A, layer.B), lora_factor_grads(G, None, A, B, layer.scaling, "none")):
                 total = self.world.reduce_to(grads, owner)  # linear in G: the ranks' shares add up
@@ -246,7 +236,7 @@ class IGA(Method):
         c = self.config
         # One generator per (micro-batch, module): the draws do not depend on the order modules arrive in.
         generator = torch.Generator(device=G.device).manual_seed(seed * 100_003 + self.index[layer.name])
-        A, B, s = layer.A.detach().float(), layer.B.detach().float(), layer.scaling
+        A, B, s = at_least_fp32(layer.A.detach()), at_least_fp32(layer.B.detach()), layer.scaling
         with torch.autocast(G.device.type, enabled=False):  # the IGA math runs in fp32 under bf16 autocast
             if c.reconstruction == "none":  # ablation: mask each LoRA factor's per-domain gradients directly
                 factors = lora_factor_grads(G, None, A, B, s, "none")
@@ -317,7 +307,6 @@ class VCD(Method):
         if tokenizer is None or verifier is None:
             raise ConfigError("method kind vcd needs the student's tokenizer and a step verifier (iga.data.verify)")
         self.tokenizer, self.verifier = tokenizer, verifier
-        self.stop_ids = newline_ids(tokenizer)
         self.now = 0
         self.v_teacher: dict[str, list[float]] = {}
         self.v_student: dict[str, tuple[int, list[float]]] = {}  # row -> (step generated, validity per line)
@@ -341,7 +330,7 @@ class VCD(Method):
         if stale:
             requests = [(r, lines[k][:i]) for k, r in stale.items() for i in range(len(lines[k]))]
             proposed = propose_lines(self.model, self.tokenizer, [(r["problem"], prefix) for r, prefix in requests],
-                                     self.config.max_line_tokens, self.stop_ids)
+                                     self.config.max_line_tokens)
             found = iter(self.verifier.verify_many([(r, prefix, line) for (r, prefix), line in zip(requests, proposed)]))
             for k in stale:
                 self.v_student[k] = (self.now, [next(found) for _ in lines[k]])

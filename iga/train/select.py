@@ -8,44 +8,21 @@ import random
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
 from iga.params import SelectParams
-from iga.rsr import token_rank_nll
 from iga.stats import cluster_bootstrap_ci
-from iga.train.sft import IGNORE, collate, encode
 
 SCORES = ("rsr", "avg_rank", "avg_nll")
 
 
-@torch.no_grad()
 def score_trajectories(model: Any, tokenizer: Any, texts: Sequence[tuple[str, str]], batch_size: int, clip: int,
                        on_batch: Callable[[int], None] = lambda n: None) -> list[dict[str, float]]:
-    """{rsr, avg_rank, avg_nll, tokens} of each (problem, cot) under `model`: batched forward passes over
-    rows of similar length, the vocabulary projection only where a completion token is predicted."""
-    encoded = [encode(tokenizer, problem, cot) for problem, cot in texts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids), reverse=True)
-    out: list[dict[str, float]] = [{}] * len(encoded)
-    model.eval()
-    device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = collate([[encoded[i]] for i in idx], tokenizer.pad_token_id, seed=0).to(device)
-        labels = batch.labels[:, 1:]
-        labelled = labels != IGNORE
-        keep = torch.cat([labelled, labelled.new_zeros(labelled.shape[0], 1)], dim=1)  # position t predicts t + 1
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-        ranks, nlls = token_rank_nll(logits.reshape(-1, logits.shape[-1]), labels[labelled], clip)
-        rows = labelled.nonzero()[:, 0]
-        rank_sum = torch.zeros(len(idx), dtype=torch.float64).index_add(0, rows.cpu(), ranks.double().cpu())
-        nll_sum = torch.zeros(len(idx), dtype=torch.float64).index_add(0, rows.cpu(), nlls.double().cpu())
-        counts = labelled.sum(dim=1).cpu()
-        for j, i in enumerate(idx):
-            n = int(counts[j])
-            out[i] = {"rsr": float(rank_sum[j] / nll_sum[j]), "avg_rank": float(rank_sum[j]) / n,
-                      "avg_nll": float(nll_sum[j]) / n, "tokens": n}
-        on_batch(len(idx))
-    return out
+    """{rsr, avg_rank, avg_nll, tokens} of each (problem, cot) under `model`, from the teacher-forced pass
+    evaluation uses (iga.train.forced)."""
+    from iga.train.forced import teacher_forced  # torch: not for choosing, which the stage does without a model
+
+    return [{"rsr": f.rank / f.nll, "avg_rank": f.rank / f.tokens, "avg_nll": f.nll / f.tokens, "tokens": f.tokens}
+            for f in teacher_forced(model, tokenizer, list(texts), batch_size, rank_clip=clip, on_batch=on_batch)]
 
 
 def choose(candidates: list[dict[str, Any]], params: SelectParams, key: str) -> int:

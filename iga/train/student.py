@@ -38,11 +38,18 @@ def _smollm2_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer, read from the embedded GGUF file without its weights (seconds)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+
+
 def _load_smollm2() -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     folder = _smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    tokenizer = smollm2_tokenizer()
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config = gguf_model.config
     del config.quantization_config

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from iga.train.decode import greedy
+from iga.train.decode import Stop, generate
 from iga.train.sft import prompt_text
 
 
@@ -38,33 +38,10 @@ def token_lines(tokenizer: Any, target: str) -> list[int]:
     return [min(last, text.count("\n", 0, max(start, end - 1))) for start, end in enc["offset_mapping"]]
 
 
-def newline_ids(tokenizer: Any) -> frozenset[int]:
-    """Vocabulary entries that contain a newline: where a proposed line ends."""
-    vocab = tokenizer.get_vocab()
-    return frozenset(i for i in vocab.values() if "\n" in tokenizer.decode([i]))
-
-
 @torch.no_grad()
 def propose_lines(model: Any, tokenizer: Any, requests: list[tuple[str, list[str]]], max_tokens: int,
-                  stop_ids: frozenset[int], batch_size: int = 32) -> list[str]:
+                  batch_size: int = 32) -> list[str]:
     """The student's greedy next line after each (problem, gold prefix lines), in its chat template."""
     texts = [prompt_text(tokenizer, problem) + "".join(line + "\n" for line in prefix) for problem, prefix in requests]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    out = [""] * len(texts)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            rows = greedy(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), max_tokens,
-                          tokenizer.eos_token_id, stop_ids)
-            for i, ids in zip(idx, rows):
-                text = tokenizer.decode(ids, skip_special_tokens=True).lstrip("\n")
-                out[i] = text.split("\n", 1)[0].strip()
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return out
+    done = generate(model, tokenizer, texts, max_tokens, batch_size, Stop(lines=1))
+    return [c.text.lstrip("\n").split("\n", 1)[0].strip() for c in done]
