@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -125,3 +128,18 @@ def copy_project(dest: Path) -> None:
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
     (dest / "experiments").mkdir()
     shutil.copy(ROOT / "experiments" / "pairs.yaml", dest / "experiments" / "pairs.yaml")  # dvc.yaml's vars
+
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def sh(args: list, cwd: Path, env: dict) -> str:
+    """`args` run in `cwd`; fails the test with its output unless it exits 0; returns stdout and stderr."""
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> list[str]:
+    """The stages a `dvc repro` ran, in its order, from its output."""
+    return re.findall(r"Running stage '([\w@.-]+)'", output)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import ROOT, copy_project, write_params
+from conftest import DVC, ROOT, copy_project, ran, sh, write_params
 
 from iga.data.seeds import make_seeds
 from iga.data.split import split
@@ -209,19 +209,6 @@ SETTINGS = {"experiment.seeds": [0], "experiment.steps": 2, "experiment.eval_gro
             "experiment.table1": ["erm", "iga"], "experiment.table2": ["erm"]}  # Table 2: erm as an "ablation"
 MATRIX = [Pair("erm", 0, 0), Pair("iga", 0, 0), Pair("erm", 1, 0), Pair("iga", 1, 0)]  # every pair a process
 INPUTS = (SEEDS, ACCEPTED, TRAIN, TEST, OOD, BASE_MODEL)  # what the data and student stages write
-DVC = [sys.executable, "-m", "dvc"]
-
-
-def sh(args: list, cwd: Path, env: dict) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout + proc.stderr
-
-
-def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w@.-]+)'", output)
-
-
 def stale(repo: Path, env: dict) -> set[str]:
     return set(json.loads(sh(DVC + ["status", "--json"], repo, env) or "{}"))
 
@@ -235,7 +222,7 @@ def tools_env(tmp: Path, prefect_api_url: str) -> dict:
 
 def experiment_repo(repo: Path, settings: dict, tiny_base: Path, env: dict) -> None:
     """A git repository with the project's code, params.yaml with `settings` and its pairs, and a dvc.yaml of the
-    experiment's stages alone: their inputs (the data and student stages' outputs, which tests/test_dvc.py runs)
+    experiment's stages alone: their inputs (the data and student stages' outputs, which tests/test_lifecycle.py runs)
     are made here and tracked with `dvc add`."""
     repo.mkdir()
     copy_project(repo)

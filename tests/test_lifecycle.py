@@ -1,6 +1,8 @@
 """The lifecycle as users run it on a schedule: a Prefect deployment served against a real `prefect
 server`, logging to a real `mlflow server`, executing `dvc repro` in a git repo (tiny student); then the
-registry's champion loads by alias and generates, and a second run registers nothing new."""
+registry's champion loads by alias and generates, and a second run registers nothing new. Then, on the
+same repo (one lifecycle run serves both checks), `dvc repro` runs only what a param reaches."""
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import copy_project, write_params
+from conftest import DVC, copy_project, ran, sh, write_params
 from servers import mlflow_server, prefect_server
 
 CRON = "30 4 * * 2"
@@ -21,7 +23,7 @@ def _git_dvc_repo(repo: Path, env: dict) -> None:
     copy_project(repo)
     write_params(repo, {"schedule.cron": CRON})
     for args in (["git", "init", "-q"], ["git", "config", "user.name", "test"],
-                 ["git", "config", "user.email", "test@example.invalid"], [sys.executable, "-m", "dvc", "init", "-q"]):
+                 ["git", "config", "user.email", "test@example.invalid"], DVC + ["init", "-q"]):
         subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
 
 
@@ -64,8 +66,12 @@ def test_scheduled_lifecycle_on_real_prefect_and_mlflow_servers(tmp_path):
 
         # dvc.lock is the record of what ran; the report is on disk
         lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-        assert {"evaluate@erm", "evaluate@iga", "train@erm", "train@iga"} <= set(lock)
+        assert set(lock) == {"seeds", "isomers", "gate", "split", "student", "select", "train@erm", "train@iga",
+                             "evaluate@erm", "evaluate@iga"}  # every stage of the lifecycle, nothing else
         assert (repo / "reports" / "summary.md").is_file() and (repo / "reports" / "accuracy.png").is_file()
+        assert "| Method |" in (repo / "reports" / "summary.md").read_text()
+        assert (repo / "models/iga/adapter/adapter_model.safetensors").is_file()
+        assert (repo / "models/erm/completions.jsonl").is_file() and (repo / "data/split/train.jsonl").is_file()
 
         # set_tracking_uri also exports MLFLOW_TRACKING_URI: unset both at the end, or later tests
         # in this process would log to this (then stopped) server
@@ -94,3 +100,29 @@ def test_scheduled_lifecycle_on_real_prefect_and_mlflow_servers(tmp_path):
             assert isinstance(completion, str) and completion
         finally:
             mlflow.set_tracking_uri(None)
+
+        # What a param reaches, and nothing else (`dvc repro` in the repo the schedule ran)
+        assert ran(sh(DVC + ["repro", "evaluate"], repo, env)) == []
+        plots = sh(DVC + ["plots", "show", "--json"], repo, env)
+        assert "plots/erm/accuracy.json" in plots and "plots/iga/lcs.json" in plots
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["gate"]["min_alignment"] = 0.6  # low enough to let some flawed instances through
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert sorted(ran(sh(DVC + ["repro", "evaluate"], repo, env))) == sorted(
+            ["gate", "split", "select", "train@erm", "train@iga", "evaluate@erm", "evaluate@iga"])
+        metrics = sh(DVC + ["metrics", "show", "--json"], repo, env)
+        for key in ("kept_fraction", "seeds_in_both_sides", "loss_last_quarter", "ood_accuracy", "delta_gap"):
+            assert key in metrics
+
+        # a method's own settings retrain only that method; a new method trains only itself
+        params["methods"]["iga"]["tau"] = 1.0
+        params["train"]["methods"] = ["erm", "iga", "iga-paper"]
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert sorted(ran(sh(DVC + ["repro", "evaluate"], repo, env))) == ["evaluate@iga", "evaluate@iga-paper",
+                                                                             "train@iga", "train@iga-paper"]
+        # an evaluation setting re-evaluates without retraining: what DVC would rerun, from `dvc status` (a
+        # params change reaches no stage through an output, so the status names every stage `dvc repro` would run)
+        params["eval"]["lcs_groups"] = 3
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        status = sh(DVC + ["status", "evaluate", "--with-deps", "--json"], repo, env)
+        assert set(json.loads(status)) == {"evaluate@erm", "evaluate@iga", "evaluate@iga-paper"}

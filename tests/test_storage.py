@@ -114,7 +114,8 @@ def test_mlflow_artifacts_on_s3_and_the_champion_loads_without_s3_credentials(wo
             mlflow = tracking.mlflow_module()
             try:
                 with mlflow.start_run(run_name="storage"):
-                    version = _new_version(params, RunResult("iga", 0, {}, {}, []),
+                    decoding = {"max_new_tokens": 16, "stop": {"lines": None, "answer": True, "line_tokens": 32}}
+                    version = _new_version(params, RunResult("iga", 0, {"decoding": decoding}, {}, []),
                                            _adapter_md5(adapter_dir("iga")), "test")
                 client = mlflow.MlflowClient()
                 client.set_registered_model_alias(name, "champion", version.version)
