@@ -91,12 +91,12 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from iga.eval.evaluate import token_budget
+    from iga.eval.evaluate import decoding
     from iga.io import read_jsonl
 
     ev = load_params(ROOT / "params.yaml").eval
-    budget = token_budget(ev.max_new_tokens, AutoTokenizer.from_pretrained(ROOT / "models/base"),
-                          read_jsonl(ROOT / "data/split/train.jsonl"))
+    budget = decoding(ev.max_new_tokens, AutoTokenizer.from_pretrained(ROOT / "models/base"),
+                      read_jsonl(ROOT / "data/split/train.jsonl")).max_new_tokens
     # this checkout's settings on both sides (the earlier commit's defaults differ: dtype auto, 224 tokens)
     settings = {"eval.dtype": ev.dtype, "eval.max_new_tokens": budget, "eval.batch_size": ev.batch_size,
                 "eval.nll_batch_size": ev.nll_batch_size, "eval.lcs_groups": ev.lcs_groups,
