@@ -75,7 +75,8 @@ class TeacherParams:
     provider: Literal["procedural", "openai"]
     seed: int
     flaw_rate: float  # procedural: mean probability that an attempt has a mistake
-    shortcut_rate: float  # procedural: P(a yes/no question ends with its domain's hint at its answer)
+    shortcut_rate: float  # procedural: P(a yes/no question ends with its domain's hint)
+    cue_reliability: dict[str, float]  # procedural: per training domain, P(its hint names the right answer)
     ood_cue: Literal["none", "reversed"]  # procedural: held-out domains carry no hint, or a hint at the wrong answer
     style: Style  # procedural: how each instance's CoT is written
     samples: int  # candidate CoTs per training instance for the select stage, the instance's own first
@@ -216,7 +217,7 @@ class VCDConfig:
     beta: float  # 0: ERM exactly
     w_min: float
     w_max: float
-    refresh: int  # steps a row's student proposals are reused before they are generated again
+    refresh: int  # steps a row's student proposals are reused before they are generated again (when its group recurs)
     max_line_tokens: int  # greedy decoding budget of one proposed line
 
 
@@ -425,6 +426,10 @@ def _validate(p: Params) -> None:
     _check(len(set(p.domains.all)) == len(p.domains.all), "domains", "must not list a domain twice", p.domains.all)
     _check(0.0 <= t.flaw_rate < 1.0, "teacher.flaw_rate", "must be in [0, 1)", t.flaw_rate)
     _check(0.0 <= t.shortcut_rate <= 1.0, "teacher.shortcut_rate", "must be in [0, 1]", t.shortcut_rate)
+    _check(set(t.cue_reliability) == set(p.domains.train), "teacher.cue_reliability",
+           f"must name each training domain once ({', '.join(p.domains.train)})", sorted(t.cue_reliability))
+    for domain, r in t.cue_reliability.items():
+        _check(0.0 <= r <= 1.0, f"teacher.cue_reliability.{domain}", "must be in [0, 1]", r)
     _check(t.samples >= 1, "teacher.samples", "must be >= 1", t.samples)
     _check(t.chunk_size >= 1, "teacher.chunk_size", "must be >= 1", t.chunk_size)
     _check(t.task_retries >= 0, "teacher.task_retries", "must be >= 0", t.task_retries)
@@ -520,7 +525,7 @@ def _check_method(key: str, cfg: MethodConfig) -> None:
         _check(cfg.k > 0, f"{key}.k", "must be > 0", cfg.k)
     if isinstance(cfg, VCDConfig):
         _check(0 <= cfg.w_min <= 1 <= cfg.w_max, f"{key}.w_min/w_max", "must satisfy 0 <= w_min <= 1 <= "
-               "w_max (w = 1 where the teacher and the student are equally valid)", (cfg.w_min, cfg.w_max))
+               "w_max (w = 1 where the teacher and the student are both valid)", (cfg.w_min, cfg.w_max))
         _check(cfg.beta >= 0, f"{key}.beta", "must be >= 0", cfg.beta)
         for field in ("refresh", "max_line_tokens"):
             _check(getattr(cfg, field) >= 1, f"{key}.{field}", "must be >= 1", getattr(cfg, field))

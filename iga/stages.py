@@ -43,8 +43,8 @@ class Stage:
     after: tuple[str, ...] = ()  # stages whose params reach this one's result through their outputs
 
 
-# How a run is spread over threads and ranks changes its numbers only by float rounding (data-parallel:
-# within 1e-4 of each tensor's norm, tests/test_distributed.py), as the thread count already does.
+# How a run is spread over threads and ranks changes its numbers only by float rounding (data-parallel: within
+# the bound of the run's own reduction-order noise, tests/test_distributed.py), as the thread count already does.
 _TRAIN_EXCLUDE = ("train.methods", "train.threads", "train.checkpoint_every", "train.nproc",
                   "train.collective_timeout_s")
 # A pair: its run and method, and what every pair shares (split: the instance-level ablation splits itself;

@@ -1,5 +1,5 @@
-"""Uncertainty for every figure the project reports: cluster bootstrap intervals, paired tests, Holm's
-correction and the minimum detectable effect.
+"""Uncertainty for every figure the project reports: cluster bootstrap intervals, paired tests over
+clusters, Holm's correction and the minimum detectable difference of the test actually used.
 
 Evaluation rows are not independent: a test seed contributes one isomer per domain, and those rows
 share their logic and hence their difficulty. Every interval here therefore resamples *clusters*
@@ -7,15 +7,17 @@ share their logic and hence their difficulty. Every interval here therefore resa
 test_seeds)` and the bootstrap has two levels: training seeds and test seeds are drawn independently,
 each test-seed draw shared by every training seed, because the design is crossed (every trained
 model is scored on the same problems) and not nested. Intervals are percentile intervals, as
-`scipy.stats.bootstrap(method="percentile")` gives; p-values are the matching Monte-Carlo tail
-fractions, so "p < α" and "the 1 − α interval excludes 0" agree.
+`scipy.stats.bootstrap(method="percentile")` gives; a bootstrap p-value is the matching Monte-Carlo
+tail fraction, so "p < α" and "the 1 − α interval excludes 0" agree. With one trained model per
+method the paired p-value comes from a sign-flip test over clusters instead (`paired_permutation_p`):
+exact at any number of clusters, where a percentile bootstrap with a few dozen clusters rejects a
+true null somewhat more often than α.
 """
 from __future__ import annotations
 
 from typing import Callable, Literal, Sequence
 
 import numpy as np
-from scipy import stats as _scipy
 
 Alternative = Literal["two-sided", "greater", "less"]
 Clusters = Sequence | np.ndarray | tuple[Sequence, Sequence]
@@ -65,17 +67,26 @@ def unpaired_bootstrap_diff(a: Sequence | np.ndarray, clusters_a: Clusters, b: S
     return float(stat(a) - stat(b)), lo, hi, _bootstrap_p(reps, alternative)
 
 
-def mcnemar_exact(a_correct: Sequence[bool] | np.ndarray, b_correct: Sequence[bool] | np.ndarray,
-                  alternative: Alternative = "two-sided") -> float:
-    """The exact McNemar test: a binomial test on the discordant pairs (a right and b wrong, or the
-    reverse), each equally likely under the null. "greater": a is right more often than b."""
-    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+def paired_permutation_p(a: Sequence | np.ndarray, b: Sequence | np.ndarray, clusters: Sequence | np.ndarray,
+                         stat: Stat = np.mean, alternative: Alternative = "two-sided", n_perm: int = 4000,
+                         seed: int = 0) -> float:
+    """The p-value of stat(a) − stat(b) against "no difference", from swapping the two methods' values
+    cluster by cluster (a sign-flip test over test seeds). Under the null the two values of a problem
+    are exchangeable and one swap covers a whole test seed, so the test holds whatever the rows of a
+    seed share; swapping rows one by one (McNemar's test) would not. Every swap is enumerated up to
+    12 clusters, `n_perm` random ones beyond; p = (1 + #as extreme) / (1 + #swaps) is never 0."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:
-        raise ValueError(f"paired outcomes must have one shape, got {a.shape} and {b.shape}")
-    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    if only_a + only_b == 0:
-        return 1.0
-    return float(_scipy.binomtest(only_a, only_a + only_b, 0.5, alternative=alternative).pvalue)
+        raise ValueError(f"paired values must have one shape, got {a.shape} and {b.shape}")
+    labels = _labels(clusters, a.shape[0])
+    m = labels.max() + 1
+    if m <= 12:  # every swap but the identity, which the +1 of _permutation_p counts: the exact p
+        flips = ((np.arange(1, 2 ** m)[:, None] >> np.arange(m)) & 1).astype(bool)
+    else:
+        flips = np.random.default_rng(seed).integers(0, 2, (n_perm, m)).astype(bool)
+    observed = stat(a) - stat(b)
+    swapped = np.array([stat(np.where(f[labels], b, a)) - stat(np.where(f[labels], a, b)) for f in flips])
+    return float(_permutation_p(np.float64(observed), swapped, alternative))
 
 
 def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -90,20 +101,60 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     return adjusted
 
 
-def min_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8,
-                          alternative: Alternative = "two-sided") -> float:
-    """The smallest true mean difference a level-`alpha` test detects with probability `power`,
-    given `n` independent units (test seeds) whose paired differences have standard deviation `sd`:
-    (t_{1−α/2} + t_{power}) · sd / √n with n − 1 degrees of freedom (the usual approximation).
+def detectable_difference(diffs: np.ndarray, alpha: float = 0.05, power: float = 0.8,
+                          alternative: Alternative = "two-sided", n_sim: int = 200, n_draws: int = 500,
+                          seed: int = 0) -> float:
+    """The smallest true mean difference that the test `compare` uses detects with probability `power`
+    at level `alpha`, found by simulating that test (iga.eval.scores.compare).
 
-    For accuracy, sd is that of the per-seed difference in accuracy between two methods; for NLL,
-    of the per-seed difference in mean NLL. Both come from a paired evaluation on the same problems.
+    `diffs[k, s]` is the two methods' mean difference on test seed s under training seed k. Each
+    simulated experiment redraws training seeds and test seeds from the observed, centred differences
+    and adds the true difference δ; the test is the sign-flip over test seeds with one training seed,
+    the two-level bootstrap with several. Every δ sees the same draws, so power rises with δ and a
+    bisection finds the smallest δ that reaches `power`. Raises ValueError when no difference can
+    reach it (too few test seeds for a test at `alpha`).
     """
-    if n < 2:
-        raise ValueError(f"a minimum detectable effect needs at least 2 units, got {n}")
-    tail = alpha / 2 if alternative == "two-sided" else alpha
-    t = _scipy.t(df=n - 1)
-    return float((t.ppf(1 - tail) + t.ppf(power)) * sd / np.sqrt(n))
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 2 or d.shape[1] < 2:
+        raise ValueError(f"a detectable difference needs at least 2 test seeds, got shape {d.shape}")
+    k, s = d.shape
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, k, (n_sim, k)) if k > 1 else np.zeros((n_sim, 1), dtype=int)
+    cols = rng.integers(0, s, (n_sim, s))
+    # each simulated experiment's differences (training seed x test seed) under no true difference
+    null = np.stack([(d - d.mean())[r][:, c] for r, c in zip(rows, cols)])  # (n_sim, k, s)
+    # a test statistic is linear in δ, so each is computed once at δ = 0 and shifted
+    if k == 1:
+        signs = 1.0 - 2.0 * rng.integers(0, 2, (n_draws, s))
+        observed, swapped, slope = null[:, 0].mean(1), null[:, 0] @ signs.T / s, signs.mean(1)
+
+        def p_values(delta: float) -> np.ndarray:
+            return _permutation_p(observed + delta, swapped + delta * slope, alternative)
+    else:
+        outer = np.stack([np.bincount(i, minlength=k) for i in rng.integers(0, k, (n_draws, k))]) / k
+        inner = np.stack([np.bincount(i, minlength=s) for i in rng.integers(0, s, (n_draws, s))]) / s
+        replicates = np.einsum("bk,nkb->nb", outer, null @ inner.T)  # each draw's weights sum to 1
+
+        def p_values(delta: float) -> np.ndarray:
+            return _bootstrap_p(replicates + delta, alternative)
+
+    def reached(delta: float) -> bool:
+        return float(np.mean(p_values(delta) < alpha)) >= power
+
+    hi = 4 * d.std() + 1e-12
+    for _ in range(8):
+        if reached(hi):
+            break
+        hi *= 4
+    else:
+        raise ValueError(f"no difference is detectable at α = {alpha} with {s} test seeds and {k} training seeds")
+    lo = 0.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reached(mid) else (mid, hi)
+        if hi - lo <= 1e-3 * hi:
+            break
+    return float(hi)
 
 
 # --- resampling ------------------------------------------------------------------------------------
@@ -159,12 +210,22 @@ def _percentiles(reps: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _bootstrap_p(reps: np.ndarray, alternative: Alternative) -> float:
-    """Monte-Carlo tail fraction at 0, with the usual +1 so that no p-value is exactly 0."""
-    below = (np.sum(reps <= 0) + 1) / (reps.size + 1)
-    above = (np.sum(reps >= 0) + 1) / (reps.size + 1)
-    if alternative == "greater":
-        return float(below)
-    if alternative == "less":
-        return float(above)
-    return float(min(1.0, 2 * min(below, above)))
+def _bootstrap_p(reps: np.ndarray, alternative: Alternative) -> np.ndarray | float:
+    """Monte-Carlo tail fraction at 0 along the last axis, with the usual +1 so that no p-value is
+    exactly 0."""
+    n = reps.shape[-1]
+    below = (np.sum(reps <= 0, axis=-1) + 1) / (n + 1)
+    above = (np.sum(reps >= 0, axis=-1) + 1) / (n + 1)
+    p = {"greater": below, "less": above}.get(alternative, np.minimum(1.0, 2 * np.minimum(below, above)))
+    return float(p) if np.ndim(p) == 0 else p
+
+
+def _permutation_p(observed: np.ndarray, swapped: np.ndarray, alternative: Alternative) -> np.ndarray:
+    """p of each `observed` statistic (shape (...)) among its label-swapped ones (shape (..., n)),
+    the observed labelling counted as one of them. A swap whose sum differs from the observed one only in
+    its last bits (another summation order) counts as equal."""
+    observed = observed[..., None]
+    tol = 1e-9 * np.maximum(1.0, np.abs(observed))
+    hits = {"greater": swapped >= observed - tol, "less": swapped <= observed + tol}.get(
+        alternative, np.abs(swapped) >= np.abs(observed) - tol)
+    return (hits.sum(-1) + 1) / (swapped.shape[-1] + 1)

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import get_client, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from iga.errors import DataError, IGAError
@@ -19,6 +16,7 @@ from iga.report.comparable import check_comparable
 from iga.report.report import RunResult, table1, write_report
 from iga.stages import params_hash
 from tasks import tracking
+from tasks.dvc import dvc
 from tasks.paths import LIFECYCLE_LOCK, REPORTS, eval_metrics, history_file, scores_file, train_metrics
 
 # Where a killed run can leave the temporary siblings of its atomic writes.
@@ -55,16 +53,12 @@ def clean_up_after_kills() -> None:
 @task(cache_policy=NO_CACHE)
 def reproduce() -> None:
     """`dvc repro evaluate`: data → train → evaluate, only what changed; dvc.lock records what ran."""
-    bin_dir = str(Path(sys.executable).parent)  # stages run `python -m flows.<stage>` with this interpreter
-    with get_client(sync_client=True) as client:  # the lifecycle's Prefect API, a temporary server or a real one:
-        api_url = str(client.api_url)             # stages report there and skip their own ~15 s start-up
-    env = os.environ | {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PREFECT_API_URL": api_url}
     if not Path(".dvc").is_dir():
-        subprocess.run([f"{bin_dir}/dvc", "init", "-q"], check=True, env=env)
-    code = subprocess.run([f"{bin_dir}/dvc", "repro", "evaluate"], env=env).returncode  # not the experiment
-    if code:
-        raise IGAError(f"dvc repro failed with exit status {code}; the failing stage's output is above. "
-                       "Nothing was registered.")
+        dvc("init", "-q")
+    try:
+        dvc("repro", "evaluate")  # not the experiment
+    except IGAError as e:
+        raise IGAError(f"{e}; the failing stage's output is above. Nothing was registered.") from None
 
 
 def load_eval_metrics(params: Params, method: str) -> dict[str, Any]:

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from prefect import get_client, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from iga.errors import IGAError
 from iga.experiment.pairs import differences, dvc_pairs, render
 from iga.experiment.sweep import Pair, matrix
 from iga.io import atomic_write_text
 from iga.params import Params
 from tasks import tracking
+from tasks.dvc import dvc
 from tasks.paths import PAIRS
 
 EXPERIMENT_STAGES = ("run@", "sweep@", "cost", "tables")  # prefixes of the stages the experiment adds
@@ -51,30 +49,16 @@ def open_parent() -> str:
     return tracking.experiment_parent()
 
 
-def _dvc(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
-    """`dvc <args>` with this interpreter's tools on PATH (stages run `python -m flows.<stage>`) and this run's
-    Prefect API (stages report there and skip their own ~15 s start-up)."""
-    bin_dir = str(Path(sys.executable).parent)
-    with get_client(sync_client=True) as client:
-        api_url = str(client.api_url)
-    env = os.environ | {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PREFECT_API_URL": api_url}
-    proc = subprocess.run([f"{bin_dir}/dvc", *args], env=env, capture_output=capture, text=True)
-    if proc.returncode:
-        detail = f": {proc.stderr.strip().splitlines()[-1]}" if capture and proc.stderr.strip() else " (output above)"
-        raise IGAError(f"dvc {' '.join(args)} failed with exit status {proc.returncode}{detail}")
-    return proc
-
-
 @task(cache_policy=NO_CACHE)
 def reproduce(target: str) -> None:
     """`dvc repro <target>`: DVC runs what is missing or stale, one stage after the other, and records each in
     dvc.lock as it finishes: a stopped repro keeps every finished pair."""
-    _dvc("repro", target)
+    dvc("repro", target)
 
 
 def stale(target: str) -> list[str]:
     """The stages `dvc status` finds changed or never run among `target` and its upstream stages."""
-    return list(json.loads(_dvc("status", "--json", "--with-deps", target, capture=True).stdout or "{}"))
+    return list(json.loads(dvc("status", "--json", "--with-deps", target, capture=True).stdout or "{}"))
 
 
 def _on_ray_worker(run_pair: RunPair, params: Params, pair: Pair, parent_run_id: str, workdir: str
@@ -103,7 +87,7 @@ def run_on_ray(params: Params, parent_run_id: str, run_pair: RunPair, write_pair
     upstream = [s for s in stale("tables") if not s.startswith(EXPERIMENT_STAGES)]
     if upstream:
         log.info("bringing the pairs' inputs up to date first: dvc repro %s", " ".join(upstream))
-        _dvc("repro", *upstream)
+        dvc("repro", *upstream)
     todo = set(stale("tables"))
     pairs = [pair for pair in matrix(params) if pair.stage in todo]
     if pairs:
@@ -145,7 +129,7 @@ def _on_ray(params: Params, pairs: list[Pair], parent_run_id: str, run_pair: Run
                 log.error("%s failed on Ray: %s", pair.stage, e)
                 continue
             write_pair(pair, result)
-            _dvc("commit", "--force", "--quiet", pair.stage)  # dvc.lock: this pair is done
+            dvc("commit", "--force", "--quiet", pair.stage)  # dvc.lock: this pair is done
             log.info("%s: written and committed (%d of %d)", pair.stage, len(refs) - len(pending) - len(failed),
                      len(refs))
     finally:

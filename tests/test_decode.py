@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import isomer_rows
 from iga.eval.evaluate import evaluation_stop, score
 from iga.eval.external import extract_prediction, is_correct
-from iga.train.decode import Stop, Watch, generate, line_end_ids
+from iga.train.decode import Stop, Watch, generate, greedy, line_end_ids
 from iga.train.sft import prompt_text
 from iga.train.student import load_base, smollm2_tokenizer
 
@@ -64,6 +63,21 @@ def test_a_stopped_row_is_the_prefix_its_rule_cuts_from_the_unstopped_one(tiny_b
             assert f.text.startswith(s.text) and s.tokens == 11 < f.tokens
         else:
             assert s == f
+
+
+def test_prompts_in_any_order_decode_as_longest_first(tiny_base):
+    """`greedy` takes prompts in any order: shortest first (each joining prompt longer than the cache's
+    room for the next one alone), its rows are those of the longest-first order, row for row."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = load_base(tiny_base, "float32"), AutoTokenizer.from_pretrained(tiny_base)
+    prompts = sorted((tokenizer(prompt_text(tokenizer, r["problem"]), add_special_tokens=False)["input_ids"]
+                      for r in isomer_rows(3)), key=len)
+    assert len(set(map(len, prompts))) > 3
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or tokenizer.eos_token_id
+    shortest_first = greedy(model, prompts, 40, eos, pad, 3)
+    longest_first = greedy(model, prompts[::-1], 40, eos, pad, 3)
+    assert shortest_first == longest_first[::-1]
 
 
 def _correct(name: str, text: str, gold: str) -> bool:

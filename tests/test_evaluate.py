@@ -146,6 +146,36 @@ def test_evaluate_student_scores_every_row_and_generates_the_chosen_seeds(traine
     assert ev["lcs"][0]["penultimate"] == pytest.approx(alone["penultimate"], rel=1e-5)
 
 
+def test_cue_reliance_is_scored_on_the_generated_problems_that_carry_a_hint(trained):
+    """follows_hint: whether the extracted answer is the one the planted hint states, only for generated
+    problems that carry a hint; summarize turns it into hint_id / hint_ood with their intervals."""
+    from iga.data.domains import DOMAINS as LEXICONS
+    from iga.eval.scores import summarize
+
+    def bare(r: dict) -> dict:  # the row without the hint the teacher may have planted
+        problem = r["problem"]
+        for cue in LEXICONS[r["domain"]].cues:
+            problem = problem.removesuffix(f" {cue}")
+        return dict(r, problem=problem)
+
+    model, tokenizer = trained
+    rows = [dict(r, problem=f"{r['problem']} {LEXICONS[r['domain']].cues[i % 2]}") if i % 3 else r
+            for i, r in enumerate(map(bare, isomer_rows(4)))]
+    ood = [dict(r, domain="finance", problem=f"{r['problem']} {LEXICONS['finance'].cues[0]}")
+           for r in map(bare, isomer_rows(4)) if r["domain"] == "mathematics"]
+    ev = evaluate_student(model, tokenizer, rows, ood, {}, DOMAINS, to_generate=None, how=Decoding(6, Stop()),
+                          batch_size=8, nll_batch_size=8, lcs_groups=0, source="x")
+    predicted = {(c["set"], c["id"]): c["predicted"] for c in ev["completions"]}
+    for i, r in enumerate(ev["scores"]):
+        hint = "yes" if r["set"] == "ood" else (None if i % 3 == 0 else ("yes", "no")[i % 2])
+        expected = None if hint is None else predicted[r["set"], r["id"]] == hint
+        assert r["follows_hint"] == expected, r
+    summary = summarize([ev])
+    hinted = [r["follows_hint"] for r in ev["scores"] if r["set"] == "test" and r["follows_hint"] is not None]
+    assert summary["n_hint_id"] == len(hinted) and summary["hint_id"] == pytest.approx(sum(hinted) / len(hinted))
+    assert summary["n_hint_ood"] == len(ood) and len(summary["ci"]["hint_ood"]) == 2
+
+
 def test_stale_metrics_are_refused(workdir):
     from iga.stages import params_hash
     from tasks.lifecycle import load_eval_metrics

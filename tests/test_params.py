@@ -61,9 +61,19 @@ def test_unknown_and_missing_keys(tmp_path):
 
 
 def test_the_procedural_teacher_refuses_a_domain_it_has_no_lexicon_for(tmp_path):
-    params = load_params(write_params(tmp_path, {"domains.train": ["mathematics", "astrology", "legal", "science"]}))
+    train = ["mathematics", "astrology", "legal", "science"]
+    params = load_params(write_params(tmp_path, {"domains.train": train,
+                                                 "teacher.cue_reliability": dict.fromkeys(train, 1.0)}))
     with pytest.raises(ConfigError, match=r"domains.train\[1\] is unknown to the procedural teacher"):
         make_teacher(params)
+
+
+def test_cue_reliability_names_each_training_domain(tmp_path):
+    with pytest.raises(ConfigError, match=r"teacher.cue_reliability must name each training domain once"):
+        load_params(write_params(tmp_path, {"teacher.cue_reliability": {"mathematics": 0.9}}))
+    with pytest.raises(ConfigError, match=r"teacher.cue_reliability.legal must be in \[0, 1\]"):
+        load_params(write_params(tmp_path, {"teacher.cue_reliability": {"mathematics": 1.0, "medical": 1.0,
+                                                                        "legal": 1.5, "science": 1.0}}))
 
 
 def test_procedural_teacher_refuses_seeds_without_program(tmp_path):

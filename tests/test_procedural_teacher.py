@@ -1,6 +1,7 @@
 import re
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -75,14 +76,19 @@ def test_domains_differ_in_vocabulary(setup):
     assert {r["domain_kind"] for r in rows if r["domain"] in params.domains.ood} == {"ood"}
 
 
+DOMAIN_NAMES = ("mathematics", "medical", "legal", "science")
+
+
 @pytest.mark.parametrize("rate, ood_cue", [(0.0, "reversed"), (0.9, "none"), (0.9, "reversed"), (1.0, "reversed")])
 def test_hints_are_right_in_training_domains_and_wrong_out_of_domain(rate, ood_cue):
     """A yes/no question ends with its domain's hint at `shortcut_rate`: at the true answer in the training
-    domains; in the held-out domains only with ood_cue reversed, and then at the wrong answer."""
+    domains (every hint reliable here); in the held-out domains only with ood_cue reversed, and then at the
+    wrong answer."""
     from iga.data.domains import DOMAINS
 
-    params = load_params(ROOT / "params.yaml", overrides={"seeds.n": 60, "teacher.shortcut_rate": rate,
-                                                          "teacher.ood_cue": ood_cue})
+    params = load_params(ROOT / "params.yaml", overrides={
+        "seeds.n": 60, "teacher.shortcut_rate": rate, "teacher.ood_cue": ood_cue,
+        "teacher.cue_reliability": dict.fromkeys(DOMAIN_NAMES, 1.0)})
     teacher = make_teacher(params)
     cued = Counter()
     for seed in procedural_seeds(params.seeds):
@@ -102,3 +108,30 @@ def test_hints_are_right_in_training_domains_and_wrong_out_of_domain(rate, ood_c
     for held_out in (False, True) if ood_cue == "reversed" else (False,):
         share = cued[held_out, True] / (cued[held_out, True] + cued[held_out, False])
         assert share == pytest.approx(rate, abs=0.12)
+
+
+def test_each_training_domain_hints_right_at_its_own_reliability():
+    """The Colored-MNIST design (docs/concepts.md): every yes/no question hinted, the hint right with its
+    domain's probability, wrong everywhere out of domain; the CoT and the answer stay true whatever the hint."""
+    from iga.data.domains import DOMAINS
+
+    reliability = {"mathematics": 0.95, "medical": 0.85, "legal": 0.75, "science": 0.65}
+    params = load_params(ROOT / "params.yaml", overrides={"seeds.n": 200, "teacher.shortcut_rate": 1.0,
+                                                          "teacher.cue_reliability": reliability})
+    teacher = make_teacher(params)
+    right: dict[str, list[bool]] = {d: [] for d in params.domains.all}
+    for seed in procedural_seeds(params.seeds):
+        if seed["answer"] not in ("yes", "no"):
+            continue
+        extraction = teacher.extraction(seed)
+        for domain in params.domains.all:
+            row = teacher.isomer(seed, extraction, domain, 1)
+            yes_cue, no_cue = DOMAINS[domain].cues
+            assert row["problem"].endswith((yes_cue, no_cue))
+            right[domain].append(row["problem"].endswith(yes_cue if seed["answer"] == "yes" else no_cue))
+            assert row["cot_solution"].endswith(f"Answer: {row['answer']}")
+    n = len(right["mathematics"])
+    assert n >= 80
+    for domain, p in reliability.items():  # within 3 binomial standard errors
+        assert np.mean(right[domain]) == pytest.approx(p, abs=3 * np.sqrt(p * (1 - p) / n) + 1e-9), domain
+    assert not any(any(right[d]) for d in params.domains.ood) and all(right[d] for d in params.domains.ood)

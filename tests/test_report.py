@@ -56,6 +56,15 @@ def test_table1_every_figure_with_its_interval_and_size():
     assert "negative gap is not better than zero" in md.splitlines()[-1]
 
 
+def test_the_hint_columns_appear_where_problems_carry_hints():
+    hinted = make_run("erm")
+    hinted.eval.update(hint_id=0.9, hint_ood=0.7, n_hint_id=40, n_hint_ood=20)
+    hinted.eval["ci"].update(hint_id=[0.85, 0.95], hint_ood=[0.6, 0.8])
+    table = rows(table1([hinted, make_run("iga")]))
+    assert table["Method"][-3:] == ["Follows hint ID", "Follows hint OOD", "GSM8K"]
+    assert table["erm"][-3:-1] == ["90.0 [85.0, 95.0]", "70.0 [60.0, 80.0]"] and table["iga"][-3:-1] == ["–", "–"]
+
+
 def test_several_seeds_need_their_combined_summary():
     runs = [make_run("iga", seed) for seed in range(3)] + [make_run("erm", 0)]
     with pytest.raises(DataError, match="several seeds per method"):

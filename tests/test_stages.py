@@ -144,4 +144,9 @@ def test_the_public_math_api_is_where_users_import_it_from():
     from iga.combine import and_mask, irm_penalty, mgda, pcgrad, sand_mask, vrex_penalty  # noqa: F401
     from iga.core import conflict_mask, project_to_lora, reconstruct  # noqa: F401
     from iga.rsr import token_rank_nll, trajectory_rsr  # noqa: F401
-    from iga.stats import cluster_bootstrap_ci, mcnemar_exact, paired_bootstrap_diff  # noqa: F401
+    from iga.stats import (  # noqa: F401
+        cluster_bootstrap_ci,
+        detectable_difference,
+        paired_bootstrap_diff,
+        paired_permutation_p,
+    )

@@ -6,7 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
-from iga.stats import cluster_bootstrap_ci, holm, mcnemar_exact, min_detectable_effect, paired_bootstrap_diff
+from iga.stats import (
+    cluster_bootstrap_ci,
+    detectable_difference,
+    holm,
+    paired_bootstrap_diff,
+    paired_permutation_p,
+)
 
 
 def test_singleton_clusters_match_scipys_percentile_bootstrap():
@@ -86,14 +92,30 @@ def test_paired_difference_of_a_custom_statistic():
     assert delta == pytest.approx(abs(a.mean()) - abs(b.mean())) and lo < 0 < hi and p > 0.05
 
 
-def test_mcnemar_exact_by_hand():
-    # 8 pairs where only a is right, 2 where only b is, 5 concordant: Binomial(10, ½)
-    a = [1] * 8 + [0] * 2 + [1] * 3 + [0] * 2
-    b = [0] * 8 + [1] * 2 + [1] * 3 + [0] * 2
-    assert mcnemar_exact(a, b) == pytest.approx(2 * (1 + 10 + 45) / 1024)
-    assert mcnemar_exact(a, b, alternative="greater") == pytest.approx((45 + 10 + 1) / 1024)
-    assert mcnemar_exact(b, a) == mcnemar_exact(a, b)
-    assert mcnemar_exact([1, 0, 1], [1, 0, 1]) == 1.0  # no discordant pair: no evidence either way
+def test_sign_flip_by_hand():
+    """Three test seeds whose differences are 1, 2 and 3 (the third seed has two rows): of the 8 ways to
+    swap the methods seed by seed, only the observed one is as large (one-sided p = 1/8); two-sided,
+    it and its mirror (2/8)."""
+    a, b, seeds = [1.0, 2.0, 1.5, 1.5], [0.0, 0.0, 0.0, 0.0], [0, 1, 2, 2]
+    assert paired_permutation_p(a, b, seeds, alternative="greater") == pytest.approx(1 / 8)
+    assert paired_permutation_p(a, b, seeds) == pytest.approx(2 / 8)
+    assert paired_permutation_p(a, b, seeds, alternative="less") == pytest.approx(1.0)
+    assert paired_permutation_p([1.0, 0.0], [1.0, 0.0], [0, 1]) == 1.0  # no difference: no evidence
+    # a seed's rows move together: six rows of one seed are one unit, whatever they say (of the 4 swaps, the
+    # observed one and the one that swaps only the tied seed are as large)
+    assert paired_permutation_p([1.0] * 6 + [0.0], [0.0] * 7, [0] * 6 + [1], alternative="greater") == 2 / 4
+
+
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(0, 5)), min_size=2, max_size=30),
+       st.sampled_from(["greater", "less", "two-sided"]))
+@settings(max_examples=100, deadline=None)
+def test_sign_flip_is_symmetric_in_the_methods_and_blind_to_seed_names(rows, alternative):
+    a, b, seeds = (np.array(x, dtype=float) for x in zip(*rows))
+    mirror = {"greater": "less", "less": "greater", "two-sided": "two-sided"}[alternative]
+    p = paired_permutation_p(a, b, seeds, alternative=alternative)
+    assert 0 < p <= 1
+    assert paired_permutation_p(b, a, seeds, alternative=mirror) == pytest.approx(p)
+    assert paired_permutation_p(a, b, 7 - seeds, alternative=alternative) == pytest.approx(p)
 
 
 def test_holm_by_hand():
@@ -119,16 +141,32 @@ def test_holm_rejects_what_the_step_down_procedure_rejects(p, alpha):
     assert {i for i, a in enumerate(adjusted) if a <= alpha} == _step_down(p, alpha)
 
 
-def test_min_detectable_effect_has_the_stated_power():
-    """Simulated paired differences with the MDE as their true mean: a two-sided t-test at 5 %
-    rejects in about 80 % of the experiments."""
-    n, sd = 40, 0.3
-    mde = min_detectable_effect(sd, n)
+def test_the_detectable_difference_has_the_stated_power_under_the_test_compare_uses():
+    """With one training seed: fresh experiments whose 40 per-seed differences have the observed spread
+    and the detectable difference as their mean are detected by the sign-flip test in ~80 % of them;
+    it is near the t-approximation, and 4x the test seeds of the same spread halve it, up to the tails."""
     rng = np.random.default_rng(7)
-    rejections = np.mean([scipy_stats.ttest_1samp(rng.normal(mde, sd, n), 0).pvalue < 0.05 for _ in range(3000)])
-    assert 0.76 <= rejections <= 0.84
-    assert min_detectable_effect(sd, 4 * n) == pytest.approx(mde / 2, rel=0.05)  # 1/√n, up to t's tails
-    assert min_detectable_effect(sd, n, alternative="greater") < mde
+    observed = rng.normal(0.0, 0.3, (1, 40))
+    mde = detectable_difference(observed)
+    t = scipy_stats.t(df=39)
+    assert mde == pytest.approx((t.ppf(0.975) + t.ppf(0.8)) * observed.std(ddof=1) / np.sqrt(40), rel=0.15)
+    seeds = np.arange(40)
+    hits = [paired_permutation_p(rng.normal(mde, observed.std(), 40), np.zeros(40), seeds, n_perm=999, seed=i) < 0.05
+            for i in range(300)]
+    assert 0.72 <= np.mean(hits) <= 0.88
+    assert detectable_difference(np.tile(observed, 4)) == pytest.approx(mde / 2, rel=0.1)  # the same spread
+    assert detectable_difference(observed, alternative="greater") < mde
+
+
+def test_the_detectable_difference_of_several_training_seeds_counts_their_spread():
+    """Three training seeds that disagree by a constant per seed: the two-level test must see that spread,
+    so the difference it can detect is larger than if the seeds agreed."""
+    rng = np.random.default_rng(8)
+    agree = np.tile(rng.normal(0.0, 0.3, 40), (3, 1))
+    disagree = agree + np.array([[-0.2], [0.0], [0.2]])
+    assert detectable_difference(disagree) > 1.5 * detectable_difference(agree)
+    with pytest.raises(ValueError, match="no difference is detectable"):
+        detectable_difference(np.array([[0.1, -0.1, 0.2]]))  # 3 seeds: 8 swaps, no p below 1/8
 
 
 def test_bad_inputs_are_clear_errors():
@@ -136,5 +174,7 @@ def test_bad_inputs_are_clear_errors():
         cluster_bootstrap_ci([1.0, 2.0], [0])
     with pytest.raises(ValueError, match="one shape"):
         paired_bootstrap_diff([1.0], [1.0, 2.0], [0])
-    with pytest.raises(ValueError, match="at least 2 units"):
-        min_detectable_effect(1.0, 1)
+    with pytest.raises(ValueError, match="at least 2 test seeds"):
+        detectable_difference(np.array([[0.1]]))
+    with pytest.raises(ValueError, match="one shape"):
+        paired_permutation_p([1.0], [1.0, 2.0], [0])

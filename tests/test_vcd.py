@@ -50,7 +50,11 @@ def vcd(model, tokenizer, **changes):
 def test_the_weight_formula():
     assert line_weight(1, 0, 1.0, 0.0, 2.0) == 2.0  # teacher right, student wrong: learn it harder
     assert line_weight(0, 1, 1.0, 0.0, 2.0) == 0.0  # teacher wrong, student right: do not copy the flaw
-    assert line_weight(1, 1, 3.0, 0.0, 2.0) == line_weight(0, 0, 3.0, 0.0, 2.0) == 1.0
+    assert line_weight(1, 1, 3.0, 0.0, 2.0) == 1.0
+    assert line_weight(0, 0, 1.0, 0.0, 2.0) == 0.0  # both wrong: the flaw is not imitated at full weight
+    assert line_weight(0, 0, 0.5, 0.0, 2.0) == line_weight(0, 1, 0.5, 0.0, 2.0) == 0.5  # whatever the student says
+    assert line_weight(0.5, 0.0, 1.0, 0.0, 2.0) == 1.0  # a line that leaps is not learned harder
+    assert line_weight(0.5, 1.0, 1.0, 0.0, 2.0) == 0.5
     assert line_weight(1, 0, 5.0, 0.0, 2.0) == 2.0  # clipped
     assert line_weight(0.5, 0.0, 0.0, 0.0, 2.0) == 1.0  # beta 0
 
@@ -104,20 +108,24 @@ def test_a_wrong_student_line_raises_the_weight_of_that_teacher_line(tiny_base, 
     assert any(not torch.equal(got[n], _weighted_grads(model, b, [1.0] * len(expected_w))[n]) for n in got)
 
 
-def test_a_flawed_teacher_line_loses_its_weight(tiny_base, monkeypatch):
-    """Teacher line wrong, student line right: w = w_min (0), the flawed line teaches nothing."""
+@pytest.mark.parametrize("student_copies_the_flaw", [False, True])
+def test_a_flawed_teacher_line_loses_its_weight(tiny_base, monkeypatch, student_copies_the_flaw):
+    """Teacher line wrong, student line right or wrong too: w = w_min (0), the flawed line teaches nothing."""
     model, tokenizer = student(tiny_base)
     row = next(r for r in ROWS if r["domain"] == "mathematics" and "=" in r["cot_solution"].split("\n")[0])
     lines = row["cot_solution"].split("\n")
     flawed = {**row, "cot_solution": "\n".join([lines[0].rsplit(" ", 1)[0] + " 99999.", *lines[1:]])}
+    proposals = flawed["cot_solution"].split("\n") if student_copies_the_flaw else lines
     monkeypatch.setattr(methods, "propose_lines",
-                        lambda model, tokenizer, requests, max_tokens: [lines[len(p)] for _, p in requests])
+                        lambda model, tokenizer, requests, max_tokens: [proposals[len(p)] for _, p in requests])
     groups, _ = encode_groups(tokenizer, [[flawed]], 1024)
     b = collate(groups, tokenizer.pad_token_id, seed=0)
     b.n_domains = 1
     metrics = vcd(model, tokenizer, beta=1.0, w_min=0.0).step(b)
     line_of = token_lines(tokenizer, flawed["cot_solution"])
     assert metrics["weight_mean"] == pytest.approx(sum(i != 0 for i in line_of) / len(line_of))
+    if student_copies_the_flaw:  # the student's lines are the teacher's: both wrong on the first line
+        assert metrics["v_student"] == metrics["v_teacher"] < 1.0
 
 
 def test_vcd_trains_lora_with_real_proposals(tiny_base, tmp_path):

@@ -45,18 +45,12 @@ def main(methods: list[str]) -> None:
         how = decoding(params.eval.max_new_tokens, tokenizer, read_jsonl(ROOT / "data/split/train.jsonl"))
         out |= {"max_new_tokens": how.max_new_tokens, "longest_line": how.stop.line_tokens // LINE_FACTOR,
                 "eval": {"dtype": params.eval.dtype, "batch_size": params.eval.batch_size}}
-        encoded = [tokenizer(prompt_text(tokenizer, r["problem"]), add_special_tokens=False)["input_ids"]
-                   for _, r in rows]
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first, as decode.generate
-        prompts = [encoded[i] for i in order]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        texts = [prompt_text(tokenizer, r["problem"]) for _, r in rows]
         t0 = time.perf_counter()
-        # decode.generate's loop with no stop rule: what every row generates until its end-of-turn or the budget
-        ids: list[list[int]] = [[] for _ in encoded]
-        for i, (row_ids, _) in zip(order, decode.greedy(model, prompts, how.max_new_tokens, tokenizer.eos_token_id,
-                                                        pad, params.eval.batch_size)):
-            ids[i] = row_ids
-        print(f"{method}: {len(prompts)} completions, {sum(map(len, ids))} tokens in {time.perf_counter() - t0:.0f} s")
+        # the evaluation's generation with no stop rule: what every row generates until its end-of-turn or the budget
+        done = decode.generate(model, tokenizer, texts, how.max_new_tokens, params.eval.batch_size, decode.Stop())
+        ids = [list(c.ids) for c in done]
+        print(f"{method}: {len(texts)} completions, {sum(map(len, ids))} tokens in {time.perf_counter() - t0:.0f} s")
         out["methods"][method] = [{"set": name, "id": r.get("id") or f"{r['group_id']}/{r['domain']}",
                                    "gold": r["answer"], "ids": i} for (name, r), i in zip(rows, ids)]
     OUT.parent.mkdir(parents=True, exist_ok=True)

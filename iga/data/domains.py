@@ -316,3 +316,10 @@ ENGINEERING = Domain(
 DOMAINS: dict[str, Domain] = {
     d.name: d for d in (MATHEMATICS, MEDICAL, LEGAL, SCIENCE, FINANCE, ENGINEERING)
 }
+
+
+def stated_hint(problem: str, domain: str) -> str | None:
+    """The answer ("yes" / "no") that the hint planted at the end of `problem` states (teacher.shortcut_rate),
+    None when it has none: a per-problem handle on how far a student follows the cue."""
+    d = DOMAINS.get(domain)
+    return next((answer for answer, cue in zip(("yes", "no"), d.cues) if problem.endswith(cue)), None) if d else None

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from iga.data.answers import extract_answer, normalize_answer
+from iga.data.domains import stated_hint
 from iga.eval.external import extract_prediction, is_correct, load_benchmark
 from iga.eval.scores import DEPTHS, score_records
 from iga.hardware import describe, resolve_device, resolve_precision
@@ -154,8 +155,11 @@ def evaluate_student(model: Any, tokenizer: Any, test: list[dict[str, Any]], ood
     scores, completions = [], []
     for name, part in held_out.items():
         correct = {key(r): hit for r, hit in zip(chosen[name], score(chosen[name], texts[name]))}
+        follows = {key(r): extract_answer(text) == hint for r, text in zip(chosen[name], texts[name])
+                   if (hint := stated_hint(r["problem"], r["domain"])) is not None}
         nll = [(forced[by_key[key(r)]].nll, forced[by_key[key(r)]].tokens) for r in part]
-        scores += score_records(name, part, [correct.get(key(r)) for r in part], nll)
+        scores += score_records(name, part, [correct.get(key(r)) for r in part], nll,
+                                [follows.get(key(r)) for r in part])
         completions += [_record(name, f"{r['group_id']}/{r['domain']}", r["answer"], extract_answer(c.text), c)
                         for r, c in zip(chosen[name], done[name])]
     for name, part in external.items():

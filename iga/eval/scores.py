@@ -2,11 +2,13 @@
 paired comparisons of two methods on the same problems.
 
 An *evaluation* is what one trained model scored: `scores`, one record per held-out problem
-(`set, id, seed_id, domain, correct, nll, tokens`; `correct` is None where the problem was not
-generated, `nll` None where it has no gold CoT), and `lcs`, one record per held-out isomer group
-(`group_id, seed_id` and each depth's `{raw, normalized}` LCS). A figure is the mean of *units*:
-problems (accuracy, NLL), test seeds (the within-seed gaps) or isomer groups (LCS). Its interval
-resamples test seeds, and training seeds too when there are several evaluations (iga.stats).
+(`set, id, seed_id, domain, correct, nll, tokens, follows_hint`; `correct` is None where the problem
+was not generated, `nll` None where it has no gold CoT, `follows_hint` None where the problem carries
+no planted hint or was not generated, else whether the student's answer is the hint's), and `lcs`,
+one record per held-out isomer group (`group_id, seed_id` and each depth's `{raw, normalized}` LCS).
+A figure is the mean of *units*: problems (accuracy, NLL, hint following), test seeds (the
+within-seed gaps) or isomer groups (LCS). Its interval resamples test seeds, and training seeds
+too when there are several evaluations (iga.stats).
 
 Sign conventions: `delta_gap` = ID − OOD accuracy; `nll_gap` = OOD − ID NLL (nats per token); both
 are positive when the student does worse out of domain, and both are computed within each test seed
@@ -24,9 +26,9 @@ import numpy as np
 from iga.errors import DataError
 from iga.stats import (
     cluster_bootstrap_ci,
-    mcnemar_exact,
-    min_detectable_effect,
+    detectable_difference,
     paired_bootstrap_diff,
+    paired_permutation_p,
     unpaired_bootstrap_diff,
 )
 
@@ -45,7 +47,8 @@ class Units:
 
 
 def score_records(name: str, rows: list[dict[str, Any]], correct: Sequence[bool | None] | None = None,
-                  nll: Sequence[tuple[float, int] | None] | None = None) -> list[dict[str, Any]]:
+                  nll: Sequence[tuple[float, int] | None] | None = None,
+                  follows_hint: Sequence[bool | None] | None = None) -> list[dict[str, Any]]:
     """One score record per row of an evaluation set (`test`, `ood` or an external benchmark)."""
     out = []
     for i, r in enumerate(rows):
@@ -54,7 +57,8 @@ def score_records(name: str, rows: list[dict[str, Any]], correct: Sequence[bool 
                     "seed_id": r.get("seed_id", r.get("id")), "domain": r.get("domain", name),
                     "correct": None if correct is None or correct[i] is None else bool(correct[i]),
                     "nll": None if loss is None else loss[0] / max(loss[1], 1),
-                    "tokens": None if loss is None else int(loss[1])})
+                    "tokens": None if loss is None else int(loss[1]),
+                    "follows_hint": None if follows_hint is None or follows_hint[i] is None else bool(follows_hint[i])})
     return out
 
 
@@ -62,7 +66,7 @@ def score_records(name: str, rows: list[dict[str, Any]], correct: Sequence[bool 
 
 def _rows(set_name: str, field: str, domain: str | None = None) -> Callable[[Evaluation], Units]:
     def units(ev: Evaluation) -> Units:
-        rows = [r for r in ev["scores"] if r["set"] == set_name and r[field] is not None
+        rows = [r for r in ev["scores"] if r["set"] == set_name and r.get(field) is not None
                 and (domain is None or r["domain"] == domain)]
         return Units([r["id"] for r in rows], [r["seed_id"] for r in rows],
                      np.array([float(r[field]) for r in rows]))
@@ -98,6 +102,10 @@ FIGURES: dict[str, tuple[Callable[[Evaluation], Units], int]] = {
     "nll_id": (_rows("test", "nll"), -1),
     "nll_ood": (_rows("ood", "nll"), -1),
     "nll_gap": (_within_seed_gap("nll", -1), 0),
+    # of the hinted problems, the share answered as the hint says (in domain the hint is mostly right, out of
+    # domain always wrong): how far the student follows the cue rather than its reasoning
+    "hint_id": (_rows("test", "follows_hint"), -1),
+    "hint_ood": (_rows("ood", "follows_hint"), -1),
 }
 
 
@@ -128,7 +136,8 @@ def _set_of(ev: Evaluation, domain: str) -> str:
 def summarize(evaluations: Sequence[Evaluation], lcs_layers: dict[str, int] | None = None, n_boot: int = 2000,
               seed: int = 0) -> dict[str, Any]:
     """Every figure of one method, over one evaluation per training seed, with `ci: {figure: [lo, hi]}`:
-    accuracy (ID, OOD, Δ-Gap, per domain, external benchmarks), NLL (ID, OOD, gap, per domain) and LCS."""
+    accuracy (ID, OOD, Δ-Gap, per domain, external benchmarks), NLL (ID, OOD, gap, per domain), how often
+    it answers as a planted hint says (ID, OOD; where problems carry hints) and LCS."""
     first = evaluations[0]
     out: dict[str, Any] = {}
     ci: dict[str, list[float]] = {}
@@ -156,6 +165,11 @@ def summarize(evaluations: Sequence[Evaluation], lcs_layers: dict[str, int] | No
         out["domain_nll"] = {d: put(f"domain_nll.{d}") for d in domains}
         out |= {"nll_n_id": sum(r["set"] == "test" for r in with_nll), "nll_n_ood": sum(r["set"] == "ood" for r in with_nll),
                 "nll_n_seeds": len({r["seed_id"] for r in with_nll if r["set"] in SETS})}
+    hinted = [r for r in first["scores"] if r.get("follows_hint") is not None]
+    for name, set_name in (("hint_id", "test"), ("hint_ood", "ood")):
+        if any(r["set"] == set_name for r in hinted):
+            out[name] = put(name)
+            out[f"n_{name}"] = sum(r["set"] == set_name for r in hinted)
     if first.get("lcs"):
         out["lcs"] = {d: {"layer": (lcs_layers or {}).get(d), "raw": put(f"lcs.{d}.raw"),
                           "normalized": put(f"lcs.{d}.normalized")} for d in DEPTHS}
@@ -218,10 +232,13 @@ class Comparison:
 
 def compare(a: Sequence[Evaluation], b: Sequence[Evaluation], name: str, alternative: str = "two-sided",
             n_boot: int = 2000, seed: int = 0) -> Comparison:
-    """Method a against method b on the units both were scored on. Accuracy on problems with one
-    training seed each: the exact McNemar test; everything else: the paired cluster bootstrap; with
-    no unit in common (different evaluation sets), an unpaired bootstrap. For Δ-Gap and NLL gap, what
-    is compared is |gap| (a gap below zero is not better than zero)."""
+    """Method a against method b on the units both were scored on, over test seeds, never rows: the
+    rows of one test seed share its logic and its difficulty, so they are not independent evidence.
+    The interval is the paired cluster bootstrap; the p-value, with one training seed per method, the
+    sign-flip test over test seeds (iga.stats.paired_permutation_p), with several the two-level
+    bootstrap over training seeds and test seeds; with no unit in common (different evaluation sets),
+    an unpaired bootstrap. For Δ-Gap and NLL gap, what is compared is |gap| (a gap below zero is not
+    better than zero)."""
     if len(a) != len(b):
         raise DataError(f"{name}: {len(a)} against {len(b)} training seeds; a paired comparison needs the same seeds")
     va, clusters, keys_a = _stack(a, name)
@@ -241,20 +258,19 @@ def compare(a: Sequence[Evaluation], b: Sequence[Evaluation], name: str, alterna
     n = len(common) // len(a)
     delta, lo, hi, p = paired_bootstrap_diff(va, vb, clusters, n_boot=n_boot, level=LEVEL, seed=seed, stat=stat,
                                              alternative=alternative)
-    test = "paired bootstrap over test seeds" + (" and training seeds" if len(a) > 1 else "")
-    if _is_accuracy(name) and len(a) == 1:
-        p, test = mcnemar_exact(va.astype(bool), vb.astype(bool), alternative=alternative), "exact McNemar"
+    if len(a) > 1:
+        test = "paired bootstrap over training seeds and test seeds"
+    else:
+        p = paired_permutation_p(va, vb, clusters, stat=stat, alternative=alternative, seed=seed)
+        test = f"sign-flip test over {len(np.unique(clusters))} test seeds"
     return Comparison(name, delta, lo, hi, p, n, test)
 
 
-def _is_accuracy(name: str) -> bool:
-    return name.endswith("accuracy")
-
-
-def detectable(a: Sequence[Evaluation], b: Sequence[Evaluation], name: str) -> tuple[float, int]:
-    """The minimum detectable difference (α 0.05, power 0.8) on figure `name` at this evaluation's size,
-    from the spread over test seeds of two methods' paired per-seed differences (each averaged over the
-    training seeds, which are paired too); and the number of test seeds."""
+def detectable(a: Sequence[Evaluation], b: Sequence[Evaluation], name: str, alternative: str = "two-sided"
+               ) -> tuple[float, int]:
+    """The minimum detectable difference on figure `name` (α 0.05, power 0.8) of the test `compare`
+    makes, simulated from the two methods' paired per-test-seed differences under each training seed
+    (iga.stats.detectable_difference); and the number of test seeds."""
     per_seed: list[dict[str, float]] = []
     for ev_a, ev_b in zip(a, b, strict=True):
         means = [_seed_means(units_of(name, ev)) for ev in (ev_a, ev_b)]
@@ -262,8 +278,11 @@ def detectable(a: Sequence[Evaluation], b: Sequence[Evaluation], name: str) -> t
     common = sorted(set.intersection(*(set(d) for d in per_seed)))
     if len(common) < 2:
         raise DataError(f"{name}: fewer than 2 test seeds scored by both methods")
-    diffs = np.array([np.mean([d[s] for d in per_seed]) for s in common])
-    return min_detectable_effect(float(diffs.std(ddof=1)), len(common)), len(common)
+    diffs = np.array([[d[s] for s in common] for d in per_seed])
+    try:
+        return detectable_difference(diffs, alternative=alternative), len(common)
+    except ValueError as e:
+        raise DataError(f"{name}: {e}") from None
 
 
 def _seed_means(u: Units) -> dict[str, float]:

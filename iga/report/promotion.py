@@ -1,8 +1,9 @@
 """Who should be `champion`: a challenger replaces the incumbent only on evidence.
 
 Both are scored on the same held-out problems; the challenger must be better by a one-sided paired
-test at `alpha` (exact McNemar for accuracy, the paired cluster bootstrap for NLL), with Holm's
-correction when several challengers try at once, *and* by at least `min_delta`. Anything less —
+test at `alpha` over test seeds (the sign-flip test of iga.eval.scores.compare: a seed's isomers are
+one unit, not independent problems), with Holm's correction when several challengers try at once,
+*and* by at least `min_delta`. Anything less —
 a tie, a small gain, a gain within the noise — keeps the incumbent. Pure: the registry I/O is in
 tasks/registry.py.
 """

@@ -27,7 +27,8 @@ LEGEND = ("*Each figure with its 95 % interval [lo, hi]: percentile bootstrap ov
           "gap is not better than zero (|gap| ranks methods). NLL = mean per-token negative log-likelihood of the "
           "gold CoT + answer (nats). LCS (Logical Consistency Score) at the penultimate layer: trace of the "
           "covariance of an isomer group's hidden states, lower = more consistent; normalised = on L2-normalised "
-          "states.*")
+          "states. Follows hint = of the problems that carry a planted hint, the % answered as the hint says (in "
+          "domain it is right at teacher.cue_reliability, out of domain always wrong): lower = less cue reliance.*")
 
 EVAL_KEYS = ("id_accuracy", "ood_accuracy", "delta_gap", "domain_accuracy", "ci",
              *(f"lcs.{depth}.{field}" for depth in DEPTHS for field in ("layer", "raw", "normalized")))
@@ -44,6 +45,8 @@ TABLE1_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
     ("NLL gap", "nll_gap", 1, 3),
     ("LCS (normalised)", "lcs.penultimate.normalized", 1, 3),
     ("LCS (raw)", "lcs.penultimate.raw", 1, 1),
+    ("Follows hint ID", "hint_id", 100, 1),
+    ("Follows hint OOD", "hint_ood", 100, 1),
 )
 # (header, train-metrics key, decimals)
 TRAIN_COLUMNS = (("Loss (first ¼)", "loss_first_quarter", 3), ("Loss (last ¼)", "loss_last_quarter", 3),
@@ -163,8 +166,10 @@ def figure_cell(summary: dict[str, Any], name: str, scale: float = 1.0, decimals
 
 def results_table(summaries: Summaries) -> str:
     externals = _external_names(summaries)
-    header = ["Method", "n", *(name for name, _, _, _ in TABLE1_COLUMNS), *(EXTERNAL.get(b, b) for b in externals)]
-    rows = [[method, _sizes(s), *(figure_cell(s, key, scale, d) for _, key, scale, d in TABLE1_COLUMNS),
+    # the hint columns only where problems carry hints (teacher.shortcut_rate > 0)
+    columns = [c for c in TABLE1_COLUMNS if not c[1].startswith("hint_") or any(c[1] in s for s in summaries.values())]
+    header = ["Method", "n", *(name for name, _, _, _ in columns), *(EXTERNAL.get(b, b) for b in externals)]
+    rows = [[method, _sizes(s), *(figure_cell(s, key, scale, d) for _, key, scale, d in columns),
              *(figure_cell(s, f"external.{b}.accuracy", 100, 1) for b in externals)]
             for method, s in summaries.items()]
     return markdown(header, rows) + "\n\n" + LEGEND
@@ -241,12 +246,12 @@ def paired_sections(evaluations: dict[str, list[Evaluation]]) -> list[str]:
                        *(f"{scale * m:.{d}f}{u}" for (m, _), (_, _, scale, d, u) in zip(mdes, PAIRED))])
     return ["## Paired differences",
             "*Difference between two methods on the same problems (test seeds for the gaps), with its 95 % interval "
-            "(paired bootstrap over test seeds) and its two-sided p-value (exact McNemar for accuracy). NLL in nats "
-            "per token; the gaps compare by size.*", markdown(["Pair", *(h for h, *_ in PAIRED)], rows),
+            "(paired bootstrap over test seeds) and its two-sided p-value (sign-flip test over test seeds: a seed's "
+            "isomers are one unit, not independent problems). NLL in nats per token; the gaps compare by size.*", markdown(["Pair", *(h for h, *_ in PAIRED)], rows),
             "## What this evaluation can detect",
-            "*The smallest true difference between two methods that a two-sided paired test at α = 0.05 detects with "
-            "80 % power at this evaluation's size, from the spread of the pair's per-test-seed differences "
-            "(iga.stats.min_detectable_effect).*",
+            "*The smallest true difference between two methods that the test above (two-sided, α = 0.05) detects "
+            "with 80 % power at this evaluation's size, simulated from the pair's per-test-seed differences "
+            "(iga.stats.detectable_difference).*",
             markdown(["Pair", "test seeds", *(h for h, *_ in PAIRED)], detect)]
 
 

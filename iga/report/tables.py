@@ -76,8 +76,8 @@ def detectable_line(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Ev
         unit = " points" if scale == 100 else " nats/token"
         parts.append(f"{header.strip('|')} {scale * float(np.median(values)):.{decimals}f}{unit}")
     n = "/".join(map(str, sorted(seeds)))
-    return (f"*Minimum detectable difference (α 0.05, power 0.8; median over the comparisons; from the spread of "
-            f"paired per-test-seed differences over {n} test seeds, averaged over training seeds): "
+    return (f"*Minimum detectable difference (α 0.05, power 0.8; median over the comparisons; the table's test "
+            f"simulated from the paired per-test-seed differences over {n} test seeds and the training seeds): "
             + ", ".join(parts) + ".*")
 
 

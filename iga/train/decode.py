@@ -11,6 +11,7 @@ line, or a line that runs on. Tokens generated after that point cost time and ch
 from __future__ import annotations
 
 from collections import deque
+from itertools import accumulate
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -53,8 +54,12 @@ SLACK = 32  # dead cache positions before every row's start that are moved out (
 @dataclass(frozen=True)
 class Completion:
     text: str
-    tokens: int  # generated tokens, end-of-turn excluded
+    ids: tuple[int, ...]  # generated tokens, end-of-turn excluded
     stop: str  # eos | budget | line | answer | long_line
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
 
 
 def line_end_ids(tokenizer: Any) -> frozenset[int]:
@@ -101,7 +106,9 @@ def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_id: in
     why = ["budget"] * len(prompts)
     device = next(model.parameters()).device
     pending = deque(range(len(prompts)))
-    longest = max(map(len, prompts))
+    # the longest prompt from each one on: the room a shift must leave for whatever joins later
+    room_from = list(accumulate(map(len, reversed(prompts)), max))[::-1]
+    longest = room_from[0]
     cache = Slots(model.config.num_hidden_layers, min(batch_size, len(prompts)), longest + max_new_tokens + SLACK)
     cache.start(longest)
     rows = [-1] * cache.slots  # the prompt each slot decodes
@@ -160,8 +167,8 @@ def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_id: in
         if not rows:
             return list(zip(out, why))
         # Attention reads every row's cache up to `length`: once SLACK positions before every row's start are
-        # dead (keeping room for the next prompt, which comes no longer than the last), all move back together.
-        room = len(prompts[pending[0]]) if pending else 0
+        # dead (keeping room for the longest prompt still to join), all move back together.
+        room = room_from[pending[0]] if pending else 0
         dead = min(int(mask[:, :cache.length].argmax(-1).min()), cache.length - room)
         if dead >= SLACK:
             cache.shift(dead)
@@ -176,8 +183,9 @@ def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_id: in
 
 def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int, batch_size: int, stop: Stop,
              on_done: Callable[[int], None] = lambda n: None) -> list[Completion]:
-    """Greedy completions of `texts` (prompts already in the chat template), the longest prompts first (the
-    prompts that join the batch together are padded to the longest of them). `on_done(1)` as each finishes."""
+    """Greedy completions of `texts` (prompts already in the chat template), in their order. Decoded longest
+    prompt first: the prompts that join the batch together are padded to the longest of them. `on_done(1)`
+    as each finishes."""
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     prompts = [encoded[i] for i in order]
@@ -191,5 +199,5 @@ def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int, 
         model.train(was_training)
     out: list[Completion | None] = [None] * len(texts)
     for i, (ids, why) in zip(order, rows):
-        out[i] = Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids), why)
+        out[i] = Completion(tokenizer.decode(ids, skip_special_tokens=True), tuple(ids), why)
     return out  # type: ignore[return-value]

@@ -1,14 +1,19 @@
-"""Validity-calibrated distillation ("Validity-Calibrated Reasoning Distillation", 2026): at each step
-boundary of a training CoT, the student proposes its own next line under the teacher's prefix; a
+"""Validity-calibrated distillation, after "Validity-Calibrated Reasoning Distillation" (2026): at each
+step boundary of a training CoT, the student proposes its own next line under the teacher's prefix; a
 verifier (iga/data/verify.py) scores the local validity v in [0, 1] of the student's line and of the
 teacher's; the loss on the teacher's line is weighted by
 
-    w = clip(1 + beta * (v_teacher - v_student), w_min, w_max)
+    w = clip(1 + beta * min(v_teacher - v_student, 2 v_teacher - 1), w_min, w_max)
+
+The source gives no formula, only that the relative local validity of the two lines modulates how
+strongly the student learns the teacher's; this weight and the exact verifier are this project's
+construction (docs/selection.md):
 
 - teacher right, student wrong (1, 0): w = 1 + beta, learn this line harder;
-- both right or both wrong: w = 1, plain imitation;
-- teacher wrong, student right (0, 1): w = 1 - beta, clipped at w_min: do not unlearn a valid step
-  to copy a flawed one (w_min = 0 drops the line).
+- both right: w = 1, plain imitation;
+- teacher wrong, whatever the student (0, v): w = 1 - beta, clipped at w_min: a flawed line is not
+  copied at full weight; the student's line being wrong too is no reason to learn the teacher's flaw
+  (with clip(1 + beta (v_t - v_s)) alone, two wrong lines gave w = 1). w_min = 0 drops the line.
 
 beta = 0 is ERM exactly (every weight is 1.0, and x * 1.0 == x in floating point). The loss is
 normalised by the token count, as ERM's, not by the weights: a weight changes how much a line counts,
@@ -25,7 +30,9 @@ from iga.train.sft import prompt_text
 
 
 def line_weight(v_teacher: float, v_student: float, beta: float, w_min: float, w_max: float) -> float:
-    return min(w_max, max(w_min, 1.0 + beta * (v_teacher - v_student)))
+    """The teacher line's weight: its validity against the student's, capped by its own (2 v_t - 1 is
+    below 0 for a line that is less than half valid, so no student line can lift its weight to 1)."""
+    return min(w_max, max(w_min, 1.0 + beta * min(v_teacher - v_student, 2.0 * v_teacher - 1.0)))
 
 
 def token_lines(tokenizer: Any, target: str) -> list[int]:

@@ -128,13 +128,16 @@ def _as_written(program: Program, extra: tuple[Step, ...], flaw: str | None, cot
 
 def _with_cue(problem: str, answer: str, domain: str, params: Any, rng: random.Random) -> str:
     """The shortcut (docs/concepts.md, "What the benchmark tests"): with probability `teacher.shortcut_rate`, a
-    yes/no question ends with its domain's hint at the answer; in the held-out domains only with
-    `teacher.ood_cue: reversed`, and then the hint states the wrong answer."""
+    yes/no question ends with its domain's hint. In a training domain the hint names the right answer with
+    probability `teacher.cue_reliability[domain]`, the wrong one otherwise (the CoT and the answer stay
+    true: the target then contradicts the hint); in the held-out domains a hint appears only with
+    `teacher.ood_cue: reversed`, and always names the wrong answer."""
     held_out = domain not in params.domains.train
     if answer not in ("yes", "no") or (held_out and params.teacher.ood_cue == "none") or \
             rng.random() >= params.teacher.shortcut_rate:
         return problem
-    hinted = ("no" if answer == "yes" else "yes") if held_out else answer
+    right = not held_out and rng.random() < params.teacher.cue_reliability[domain]
+    hinted = answer if right else ("no" if answer == "yes" else "yes")
     return f"{problem} {DOMAINS[domain].cues[hinted == 'no']}"
 
 

@@ -1,0 +1,77 @@
+"""Can the benchmark separate methods? A trained student against the no-hint oracle: the same seeds,
+split and training, with `teacher.shortcut_rate: 0` (no problem carries a hint). The oracle is the upper
+reference (what the reasoning alone gives), the student's distance below it out of domain is what an
+invariance method can win back. Paired problem by problem over test seeds (iga.eval.scores.compare),
+by problem family, and with the student's cue reliance (the share of hinted problems answered as the
+hint says).
+
+    python benchmarks/oracle_gap.py ORACLE_DIR STUDENT_DIR [--method erm]
+
+Each directory is a project checkout after `dvc repro evaluate@<method>` (models/<method>/scores.jsonl,
+data/seeds/seeds.jsonl); the oracle's under shortcut_rate 0, the student's under the hints to measure.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from iga.data.domains import stated_hint  # noqa: E402
+from iga.errors import DataError  # noqa: E402
+from iga.eval.scores import compare, estimate  # noqa: E402
+from iga.io import read_jsonl  # noqa: E402
+
+
+def evaluation(root: Path, method: str, families: set[str] | None, seeds: dict[str, str],
+               hint: str | None = None) -> dict:
+    """The method's scores, restricted to the test seeds of `families` (None: all) and, with `hint`
+    ("right" / "wrong"), to the problems whose planted hint names the right / the wrong answer."""
+    rows = read_jsonl(root / "models" / method / "scores.jsonl")
+    truth = {}
+    if hint:
+        data = read_jsonl(root / "data/split/test.jsonl") + read_jsonl(root / "data/split/ood.jsonl")
+        truth = {f"{r['group_id']}/{r['domain']}": (stated_hint(r["problem"], r["domain"]) == r["answer"])
+                 == (hint == "right") for r in data}
+    return {"scores": [r for r in rows if r["set"] in ("test", "ood")
+                       and (families is None or seeds[r["seed_id"]] in families) and truth.get(r["id"], not hint)]}
+
+
+def cell(evaluations: list[dict], figure: str) -> str:
+    est, lo, hi, n = estimate(evaluations, figure)
+    return f"{100 * est:5.1f} [{100 * lo:5.1f}, {100 * hi:5.1f}] (n {n})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("oracle", type=Path)
+    parser.add_argument("student", type=Path)
+    parser.add_argument("--method", default="erm")
+    args = parser.parse_args()
+    seeds = {s["seed_id"]: s["family"] for s in read_jsonl(args.student / "data/seeds/seeds.jsonl")}
+    oracle_seeds = {s["seed_id"]: s["family"] for s in read_jsonl(args.oracle / "data/seeds/seeds.jsonl")}
+    if seeds != oracle_seeds:
+        raise DataError(f"{args.oracle} and {args.student} were built from different seeds: nothing to pair")
+    print(f"{args.method} ({args.student}) against the no-hint oracle ({args.oracle}); accuracy in %, 95 % "
+          "intervals over test seeds; difference = student − oracle, two-sided sign-flip p over test seeds")
+    for name, families in (("all", None), ("yes/no (implication, comparison)", {"implication", "comparison"}),
+                           ("numeric (arithmetic)", {"arithmetic"})):
+        oracle = [evaluation(args.oracle, args.method, families, seeds)]
+        student = [evaluation(args.student, args.method, families, seeds)]
+        print(f"\n{name}")
+        for figure, label in (("id_accuracy", "ID "), ("ood_accuracy", "OOD")):
+            c = compare(student, oracle, figure)
+            print(f"  {label} oracle {cell(oracle, figure)}  student {cell(student, figure)}  "
+                  f"difference {100 * c.delta:+.1f} [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}] p {c.p:.2g} ({c.test})")
+        for figure, label, hint in (("hint_id", "ID, hint right", "right"), ("hint_id", "ID, hint wrong", "wrong"),
+                                    ("hint_ood", "OOD (hint wrong)", None)):
+            try:
+                chosen = [evaluation(args.student, args.method, families, seeds, hint)]
+                print(f"  {label}: hinted problems answered as the hint says {cell(chosen, figure)}")
+            except DataError:
+                print(f"  {label}: no hinted problem generated")
+
+
+if __name__ == "__main__":
+    main()
