@@ -101,18 +101,22 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     return adjusted
 
 
-def detectable_difference(diffs: np.ndarray, alpha: float = 0.05, power: float = 0.8,
-                          alternative: Alternative = "two-sided", n_sim: int = 200, n_draws: int = 500,
-                          seed: int = 0) -> float:
+def detectable_difference(diffs: np.ndarray, step: np.ndarray | None = None, alpha: float = 0.05,
+                          power: float = 0.8, alternative: Alternative = "two-sided", n_sim: int = 200,
+                          n_draws: int = 500, seed: int = 0) -> float:
     """The smallest true mean difference that the test `compare` uses detects with probability `power`
     at level `alpha`, found by simulating that test (iga.eval.scores.compare).
 
     `diffs[k, s]` is the two methods' mean difference on test seed s under training seed k. Each
     simulated experiment redraws training seeds and test seeds from the observed, centred differences
     and adds the true difference δ; the test is the sign-flip over test seeds with one training seed,
-    the two-level bootstrap with several. Every δ sees the same draws, so power rises with δ and a
-    bisection finds the smallest δ that reaches `power`. Raises ValueError when no difference can
-    reach it (too few test seeds for a test at `alpha`).
+    the two-level bootstrap with several. A continuous figure (NLL, gaps) shifts by δ on every seed.
+    An accuracy moves in whole problems: `step[s]` is one problem's share of test seed s's mean
+    (1 / its rows), and a seed gains ⌊δ/step⌋ problems and one more with the remainder's probability,
+    δ on average. (Shifting every seed by a fraction of a problem would call two near-identical methods
+    able to detect almost any difference, since their differences barely vary.) Every δ sees the same
+    draws, so power rises with δ and a bisection finds the smallest δ that reaches `power`. Raises
+    ValueError when no difference can reach it (too few test seeds for a test at `alpha`).
     """
     d = np.asarray(diffs, dtype=float)
     if d.ndim != 2 or d.shape[1] < 2:
@@ -123,25 +127,36 @@ def detectable_difference(diffs: np.ndarray, alpha: float = 0.05, power: float =
     cols = rng.integers(0, s, (n_sim, s))
     # each simulated experiment's differences (training seed x test seed) under no true difference
     null = np.stack([(d - d.mean())[r][:, c] for r, c in zip(rows, cols)])  # (n_sim, k, s)
-    # a test statistic is linear in δ, so each is computed once at δ = 0 and shifted
+    if step is None:
+        def shifted(delta: float) -> np.ndarray:
+            return null + delta
+    else:
+        step = np.asarray(step, dtype=float)
+        if step.shape != (s,) or np.any(step <= 0):
+            raise ValueError(f"step needs one positive value per test seed ({s}), got {step!r}")
+        unit = step[cols][:, None, :]  # the step of each drawn seed
+        u = rng.random(null.shape)
+
+        def shifted(delta: float) -> np.ndarray:
+            whole = np.floor(delta / unit)
+            return null + unit * (whole + (u < delta / unit - whole))
     if k == 1:
         signs = 1.0 - 2.0 * rng.integers(0, 2, (n_draws, s))
-        observed, swapped, slope = null[:, 0].mean(1), null[:, 0] @ signs.T / s, signs.mean(1)
 
         def p_values(delta: float) -> np.ndarray:
-            return _permutation_p(observed + delta, swapped + delta * slope, alternative)
+            x = shifted(delta)[:, 0]
+            return _permutation_p(x.mean(1), x @ signs.T / s, alternative)
     else:
         outer = np.stack([np.bincount(i, minlength=k) for i in rng.integers(0, k, (n_draws, k))]) / k
         inner = np.stack([np.bincount(i, minlength=s) for i in rng.integers(0, s, (n_draws, s))]) / s
-        replicates = np.einsum("bk,nkb->nb", outer, null @ inner.T)  # each draw's weights sum to 1
 
-        def p_values(delta: float) -> np.ndarray:
-            return _bootstrap_p(replicates + delta, alternative)
+        def p_values(delta: float) -> np.ndarray:  # each draw's weights sum to 1
+            return _bootstrap_p(np.einsum("bk,nkb->nb", outer, shifted(delta) @ inner.T), alternative)
 
     def reached(delta: float) -> bool:
         return float(np.mean(p_values(delta) < alpha)) >= power
 
-    hi = 4 * d.std() + 1e-12
+    hi = 4 * d.std() + (0.0 if step is None else float(np.min(step))) + 1e-12
     for _ in range(8):
         if reached(hi):
             break

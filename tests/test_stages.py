@@ -86,7 +86,7 @@ def test_a_fingerprint_covers_code_and_inputs():
 
 # Phases in the order of the lifecycle; the top level of iga/ is the common core and the public math.
 PHASES = ("data", "train", "eval", "report", "experiment")
-SHARED_TASKS = {"tasks.paths", "tasks.tracking"}  # where files are, and the MLflow connection
+SHARED_TASKS = {"tasks.paths", "tasks.tracking", "tasks.dvc"}  # where files are, the MLflow connection, running dvc
 
 
 def _modules() -> dict[str, set[str]]:

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as scipy_stats
+from scipy.optimize import brentq
 
 from iga.stats import (
     cluster_bootstrap_ci,
@@ -156,6 +157,19 @@ def test_the_detectable_difference_has_the_stated_power_under_the_test_compare_u
     assert 0.72 <= np.mean(hits) <= 0.88
     assert detectable_difference(np.tile(observed, 4)) == pytest.approx(mde / 2, rel=0.1)  # the same spread
     assert detectable_difference(observed, alternative="greater") < mde
+
+
+def test_an_accuracy_difference_is_detectable_only_in_whole_problems():
+    """Two methods that agree on every problem of 33 test seeds with 2 rows each: shifting every seed by a
+    fraction of a problem would be 'detected' at any size. In whole problems, the sign-flip test rejects
+    (two-sided, α 0.05) once 6 seeds gain one problem (p = 2/2⁶) and not at 5 (2/2⁵): so the detectable
+    difference is half a problem times the gain probability q with P(Binomial(33, q) ≥ 6) = 0.8."""
+    agree = np.zeros((1, 33))
+    assert detectable_difference(agree) < 1e-6
+    q = brentq(lambda q: scipy_stats.binom(33, q).sf(5) - 0.8, 0.01, 0.99)
+    assert detectable_difference(agree, np.full(33, 0.5)) == pytest.approx(0.5 * q, rel=0.15)
+    with pytest.raises(ValueError, match="one positive value per test seed"):
+        detectable_difference(agree, np.full(32, 0.5))
 
 
 def test_the_detectable_difference_of_several_training_seeds_counts_their_spread():

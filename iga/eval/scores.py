@@ -17,7 +17,7 @@ design, so the seeds' own difficulty cancels.
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -270,17 +270,24 @@ def detectable(a: Sequence[Evaluation], b: Sequence[Evaluation], name: str, alte
                ) -> tuple[float, int]:
     """The minimum detectable difference on figure `name` (α 0.05, power 0.8) of the test `compare`
     makes, simulated from the two methods' paired per-test-seed differences under each training seed
-    (iga.stats.detectable_difference); and the number of test seeds."""
+    (iga.stats.detectable_difference): a figure scored 0/1 per problem moves in whole problems; and
+    the number of test seeds."""
     per_seed: list[dict[str, float]] = []
+    rows: dict[str, int] = {}
     for ev_a, ev_b in zip(a, b, strict=True):
-        means = [_seed_means(units_of(name, ev)) for ev in (ev_a, ev_b)]
+        units = [units_of(name, ev) for ev in (ev_a, ev_b)]
+        means = [_seed_means(u) for u in units]
         per_seed.append({s: means[0][s] - means[1][s] for s in set(means[0]) & set(means[1])})
+        rows.update(Counter(units[0].clusters))
     common = sorted(set.intersection(*(set(d) for d in per_seed)))
     if len(common) < 2:
         raise DataError(f"{name}: fewer than 2 test seeds scored by both methods")
     diffs = np.array([[d[s] for s in common] for d in per_seed])
+    per_problem = name in ("id_accuracy", "ood_accuracy", "hint_id", "hint_ood") or name.startswith(
+        ("domain_accuracy.", "external."))  # figures scored 0/1 per problem
+    step = np.array([1.0 / rows[s] for s in common]) if per_problem else None
     try:
-        return detectable_difference(diffs, alternative=alternative), len(common)
+        return detectable_difference(diffs, step, alternative=alternative), len(common)
     except ValueError as e:
         raise DataError(f"{name}: {e}") from None
 
