@@ -32,8 +32,9 @@ def evaluation(root: Path, method: str, families: set[str] | None, seeds: dict[s
     truth = {}
     if hint:
         data = read_jsonl(root / "data/split/test.jsonl") + read_jsonl(root / "data/split/ood.jsonl")
-        truth = {f"{r['group_id']}/{r['domain']}": (stated_hint(r["problem"], r["domain"]) == r["answer"])
-                 == (hint == "right") for r in data}
+        stated = {f"{r['group_id']}/{r['domain']}": (stated_hint(r["problem"], r["domain"]), r["answer"]) for r in data}
+        truth = {key: (said == answer) == (hint == "right") for key, (said, answer) in stated.items()
+                 if said is not None}  # a problem without a hint is neither
     return {"scores": [r for r in rows if r["set"] in ("test", "ood")
                        and (families is None or seeds[r["seed_id"]] in families) and truth.get(r["id"], not hint)]}
 
