@@ -5,7 +5,10 @@ invariance method can win back. Paired problem by problem over test seeds (iga.e
 by problem family, and with the student's cue reliance (the share of hinted problems answered as the
 hint says).
 
-    python benchmarks/oracle_gap.py ORACLE_DIR STUDENT_DIR [--method erm]
+    python benchmarks/oracle_gap.py ORACLE_DIR STUDENT_DIR [--method erm] [--challenger DIR METHOD]
+
+With --challenger (e.g. IGA trained on the same data as the student): the challenger against the student,
+paired, and the fraction of the student-to-oracle gap it closes (iga.eval.scores.gap_closed).
 
 Each directory is a project checkout after `dvc repro evaluate@<method>` (models/<method>/scores.jsonl,
 data/seeds/seeds.jsonl); the oracle's under shortcut_rate 0, the student's under the hints to measure.
@@ -20,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iga.data.domains import stated_hint  # noqa: E402
 from iga.errors import DataError  # noqa: E402
-from iga.eval.scores import compare, estimate  # noqa: E402
+from iga.eval.scores import compare, estimate, gap_closed  # noqa: E402
 from iga.io import read_jsonl  # noqa: E402
 
 
@@ -49,11 +52,13 @@ def main() -> None:
     parser.add_argument("oracle", type=Path)
     parser.add_argument("student", type=Path)
     parser.add_argument("--method", default="erm")
+    parser.add_argument("--challenger", nargs=2, metavar=("DIR", "METHOD"))
     args = parser.parse_args()
     seeds = {s["seed_id"]: s["family"] for s in read_jsonl(args.student / "data/seeds/seeds.jsonl")}
-    oracle_seeds = {s["seed_id"]: s["family"] for s in read_jsonl(args.oracle / "data/seeds/seeds.jsonl")}
-    if seeds != oracle_seeds:
-        raise DataError(f"{args.oracle} and {args.student} were built from different seeds: nothing to pair")
+    others = [args.oracle] + ([Path(args.challenger[0])] if args.challenger else [])
+    for other in others:
+        if {s["seed_id"]: s["family"] for s in read_jsonl(other / "data/seeds/seeds.jsonl")} != seeds:
+            raise DataError(f"{other} and {args.student} were built from different seeds: nothing to pair")
     print(f"{args.method} ({args.student}) against the no-hint oracle ({args.oracle}); accuracy in %, 95 % "
           "intervals over test seeds; difference = student − oracle, two-sided sign-flip p over test seeds")
     for name, families in (("all", None), ("yes/no (implication, comparison)", {"implication", "comparison"}),
@@ -65,13 +70,27 @@ def main() -> None:
             c = compare(student, oracle, figure)
             print(f"  {label} oracle {cell(oracle, figure)}  student {cell(student, figure)}  "
                   f"difference {100 * c.delta:+.1f} [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}] p {c.p:.2g} ({c.test})")
-        for figure, label, hint in (("hint_id", "ID, hint right", "right"), ("hint_id", "ID, hint wrong", "wrong"),
-                                    ("hint_ood", "OOD (hint wrong)", None)):
+        if args.challenger:
+            root, method = Path(args.challenger[0]), args.challenger[1]
+            challenger = [evaluation(root, method, families, seeds)]
+            for figure, label in (("id_accuracy", "ID "), ("ood_accuracy", "OOD")):
+                c = compare(challenger, student, figure)
+                print(f"  {label} {method} {cell(challenger, figure)}  {method} − student {100 * c.delta:+.1f} "
+                      f"[{100 * c.lo:+.1f}, {100 * c.hi:+.1f}] p {c.p:.2g}")
             try:
-                chosen = [evaluation(args.student, args.method, families, seeds, hint)]
-                print(f"  {label}: hinted problems answered as the hint says {cell(chosen, figure)}")
-            except DataError:
-                print(f"  {label}: no hinted problem generated")
+                f, lo, hi, n = gap_closed(challenger, student, oracle, "ood_accuracy")
+                print(f"  OOD: {method} closes {f:+.2f} [{lo:+.2f}, {hi:+.2f}] of the student-to-oracle gap (n {n})")
+            except DataError as e:
+                print(f"  OOD: no gap closed to report ({e})")
+        for root, method in [(args.student, args.method)] + ([(Path(args.challenger[0]), args.challenger[1])]
+                                                             if args.challenger else []):
+            for figure, label, hint in (("hint_id", "ID, hint right", "right"), ("hint_id", "ID, hint wrong", "wrong"),
+                                        ("hint_ood", "OOD (hint wrong)", None)):
+                try:
+                    chosen = [evaluation(root, method, families, seeds, hint)]
+                    print(f"  {method} {label}: hinted problems answered as the hint says {cell(chosen, figure)}")
+                except DataError:
+                    print(f"  {method} {label}: no hinted problem generated")
 
 
 if __name__ == "__main__":

@@ -209,3 +209,22 @@ def test_a_report_of_methods_run_in_different_precisions_is_refused(workdir):
             path.write_text("" if content is None else json.dumps(content))
     with pytest.raises(DataError, match="different train_precision cannot share a table: float32: erm; bfloat16: iga"):
         collect.fn(params)
+
+
+def test_the_gap_closed_pairs_the_three_methods_problem_by_problem():
+    """Scores in different orders, one problem scored by the method alone: the fraction is computed on the
+    problems all three share, each matched by id (a method halfway between ERM and the oracle closes 1/2)."""
+    from iga.eval.scores import gap_closed
+
+    def ev(correct: dict[str, int], reverse: bool = False) -> dict:
+        rows = [{"id": i, "seed_id": i.split("/")[0], "set": "ood", "correct": c} for i, c in correct.items()]
+        return {"scores": rows[::-1] if reverse else rows, "lcs": []}
+
+    ids = [f"s{s}/d{d}" for s in range(12) for d in range(2)]
+    erm = {i: 0 for i in ids}
+    oracle = {i: 1 for i in ids}
+    half = {i: int(i.endswith("d0")) for i in ids} | {"s99/d0": 1}
+    fraction, lo, hi, n = gap_closed([ev(half)], [ev(erm, reverse=True)], [ev(oracle)])
+    assert (fraction, lo, hi, n) == (0.5, 0.5, 0.5, 24)
+    with pytest.raises(DataError, match="same seeds"):
+        gap_closed([ev(half), ev(half)], [ev(erm)], [ev(oracle)])

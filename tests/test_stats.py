@@ -10,6 +10,7 @@ from scipy.optimize import brentq
 from iga.stats import (
     cluster_bootstrap_ci,
     detectable_difference,
+    gap_closed,
     holm,
     paired_bootstrap_diff,
     paired_permutation_p,
@@ -192,3 +193,33 @@ def test_bad_inputs_are_clear_errors():
         detectable_difference(np.array([[0.1]]))
     with pytest.raises(ValueError, match="one shape"):
         paired_permutation_p([1.0], [1.0, 2.0], [0])
+
+
+@given(st.floats(-0.5, 1.5), st.integers(0, 2**16))
+@settings(max_examples=20, deadline=None)
+def test_the_gap_closed_is_zero_at_the_baseline_one_at_the_reference_and_linear_between(f, seed):
+    """A method that sits a fraction f of the way from the baseline to the reference on every observation
+    closes f of the gap, in every bootstrap replicate: its interval is f itself."""
+    rng = np.random.default_rng(seed)
+    seeds = np.repeat(np.arange(20), 3)
+    baseline = rng.normal(0.2, 0.1, 60)
+    reference = baseline + rng.normal(0.3, 0.05, 60)
+    assert gap_closed(baseline, baseline, reference, seeds)[:3] == pytest.approx((0, 0, 0), abs=1e-9)
+    assert gap_closed(reference, baseline, reference, seeds) == pytest.approx((1, 1, 1))
+    assert gap_closed(baseline + f * (reference - baseline), baseline, reference, seeds) == pytest.approx((f, f, f))
+
+
+def test_a_gap_that_may_not_exist_has_no_bounded_fraction():
+    """Fieller's case: when the baseline-to-reference gap's interval contains 0, the fraction's is (−inf, inf);
+    a clear gap gives a finite interval around the estimate; no gap at all is an error."""
+    rng = np.random.default_rng(3)
+    seeds = np.repeat(np.arange(30), 2)
+    baseline = rng.binomial(1, 0.3, 60).astype(float)
+    noisy = rng.binomial(1, 0.32, 60).astype(float)
+    method = rng.binomial(1, 0.5, 60).astype(float)
+    assert gap_closed(method, baseline, noisy, seeds)[1:] == (-np.inf, np.inf)
+    clear = np.ones(60)
+    f, lo, hi = gap_closed(method, baseline, clear, seeds)
+    assert np.isfinite(lo) and lo <= f <= hi
+    with pytest.raises(ValueError, match="no gap to close"):
+        gap_closed(method, baseline, baseline, seeds)

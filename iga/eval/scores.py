@@ -27,6 +27,7 @@ from iga.errors import DataError
 from iga.stats import (
     cluster_bootstrap_ci,
     detectable_difference,
+    gap_closed as _gap_closed,
     paired_bootstrap_diff,
     paired_permutation_p,
     unpaired_bootstrap_diff,
@@ -264,6 +265,33 @@ def compare(a: Sequence[Evaluation], b: Sequence[Evaluation], name: str, alterna
         p = paired_permutation_p(va, vb, clusters, stat=stat, alternative=alternative, seed=seed)
         test = f"sign-flip test over {len(np.unique(clusters))} test seeds"
     return Comparison(name, delta, lo, hi, p, n, test)
+
+
+def gap_closed(a: Sequence[Evaluation], baseline: Sequence[Evaluation], reference: Sequence[Evaluation],
+               name: str = "ood_accuracy") -> tuple[float, float, float, int]:
+    """(fraction, lo, hi, n): the share of the baseline-to-reference gap on figure `name` that method a
+    closes (iga.stats.gap_closed: 0 = the baseline, 1 = the reference, e.g. ERM and the no-hint oracle),
+    on the units all three were scored on, resampling test seeds (and training seeds: the k-th of each
+    method together); n counts the common units per training seed."""
+    if not len(a) == len(baseline) == len(reference):
+        raise DataError(f"{name}: {len(a)}, {len(baseline)} and {len(reference)} training seeds; "
+                        "the gap closed needs the same seeds")
+    stacked = [_stack(evs, name) for evs in (a, baseline, reference)]
+    common = sorted(set.intersection(*(set(keys) for _, _, keys in stacked)))
+    if not common:
+        raise DataError(f"{name}: no problem scored by the method, the baseline and the reference alike")
+    picked, clusters = [], None
+    for values, cl, keys in stacked:
+        index = {k: i for i, k in enumerate(keys)}
+        rows = [index[k] for k in common]
+        picked.append(values[rows])
+        if clusters is None:  # the three share their units, so the first's clusters are everyone's
+            clusters = tuple(c[rows] for c in cl) if isinstance(cl, tuple) else cl[rows]
+    try:
+        fraction, lo, hi = _gap_closed(*picked, clusters)
+    except ValueError as e:
+        raise DataError(f"{name}: {e}") from None
+    return fraction, lo, hi, len(common) // len(a)
 
 
 def detectable(a: Sequence[Evaluation], b: Sequence[Evaluation], name: str, alternative: str = "two-sided"
