@@ -230,6 +230,16 @@ PAIRED: tuple[tuple[str, str, float, int, str], ...] = (
     ("|NLL gap|", "nll_gap", 1, 3, ""))
 
 
+def detectable_or_none(a: Sequence[Evaluation], b: Sequence[Evaluation], figure: str) -> tuple[float, int] | None:
+    """The pair's minimum detectable difference and its number of test seeds (iga.eval.scores.detectable);
+    None where no difference is detectable (too few test seeds for the test at α 0.05) or nothing pairs
+    (an instance-level split scores other problems)."""
+    try:
+        return detectable(a, b, figure)
+    except DataError:
+        return None
+
+
 def paired_sections(evaluations: dict[str, list[Evaluation]]) -> list[str]:
     """Each method against the first, paired problem by problem, and what this evaluation can detect."""
     reference, *others = evaluations
@@ -241,9 +251,11 @@ def paired_sections(evaluations: dict[str, list[Evaluation]]) -> list[str]:
             f = lambda v: f"{scale * v:+.{decimals}f}"  # noqa: E731
             cells.append(f"{f(c.delta)} [{f(c.lo)}, {f(c.hi)}], p {c.p:.2g}")
         rows.append([f"{method} − {reference}", *cells])
-        mdes = [detectable(evaluations[method], evaluations[reference], figure) for _, figure, *_ in PAIRED]
-        detect.append([f"{method} vs {reference}", str(mdes[0][1]),
-                       *(f"{scale * m:.{d}f}{u}" for (m, _), (_, _, scale, d, u) in zip(mdes, PAIRED))])
+        mdes = [detectable_or_none(evaluations[method], evaluations[reference], figure) for _, figure, *_ in PAIRED]
+        seeds = next((str(n) for _, n in filter(None, mdes)), "too few")
+        detect.append([f"{method} vs {reference}", seeds,
+                       *(f"{scale * found[0]:.{d}f}{u}" if found else "none"
+                         for found, (_, _, scale, d, u) in zip(mdes, PAIRED))])
     return ["## Paired differences",
             "*Difference between two methods on the same problems (test seeds for the gaps), with its 95 % interval "
             "(paired bootstrap over test seeds) and its two-sided p-value (sign-flip test over test seeds: a seed's "

@@ -12,10 +12,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from iga.errors import DataError
-from iga.eval.scores import Comparison, Evaluation, compare, detectable
+from iga.eval.scores import Comparison, Evaluation, compare
 from iga.params import RunConfig
-from iga.report.report import Summaries, figure_cell, markdown, results_table
+from iga.report.report import Summaries, detectable_or_none, figure_cell, markdown, results_table
 from iga.stats import holm
 
 ALPHA = 0.05
@@ -70,23 +69,19 @@ def detectable_line(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Ev
     for header, figure, _, scale, decimals in COMPARED:
         if figure.startswith("lcs"):
             continue
-        found = [_detectable(ours, theirs, figure) for _, ours, theirs in pairs]
+        found = [detectable_or_none(ours, theirs, figure) for _, ours, theirs in pairs]
         values = [mde for mde, n in filter(None, found)]
+        if not values:
+            continue
         seeds |= {n for _, n in filter(None, found)}
         unit = " points" if scale == 100 else " nats/token"
         parts.append(f"{header.strip('|')} {scale * float(np.median(values)):.{decimals}f}{unit}")
+    if not parts:
+        return "*Minimum detectable difference: none at this size (too few test seeds for the test at α 0.05).*"
     n = "/".join(map(str, sorted(seeds)))
     return (f"*Minimum detectable difference (α 0.05, power 0.8; median over the comparisons; the table's test "
             f"simulated from the paired per-test-seed differences over {n} test seeds and the training seeds): "
             + ", ".join(parts) + ".*")
-
-
-def _detectable(ours: Sequence[Evaluation], theirs: Sequence[Evaluation], figure: str) -> tuple[float, int] | None:
-    """None for a pair scored on different test seeds (an instance-level split): nothing to pair."""
-    try:
-        return detectable(ours, theirs, figure)
-    except DataError:
-        return None
 
 
 def table1(summaries: Summaries, evaluations: dict[str, list[Evaluation]], reference: str, scale: str,
