@@ -263,7 +263,7 @@ def paired_sections(evaluations: dict[str, list[Evaluation]]) -> list[str]:
             "## What this evaluation can detect",
             "*The smallest true difference between two methods that the test above (two-sided, α = 0.05) detects "
             "with 80 % power at this evaluation's size, simulated from the pair's per-test-seed differences; "
-            "an accuracy gains whole problems, so a seed with 2 OOD problems moves by 50 points at a time "
+            "an accuracy gains whole problems, so a test seed with m problems moves by 100/m points at a time "
             "(iga.stats.detectable_difference).*",
             markdown(["Pair", "test seeds", *(h for h, *_ in PAIRED)], detect)]
 
