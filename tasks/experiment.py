@@ -129,9 +129,10 @@ def run_pair(params: Params, pair: Pair, parent_run_id: str, threads: int) -> di
                                       nll_batch_size=params.eval.nll_batch_size,
                                       lcs_groups=len(lcs_rows), source=source, lcs_rows=lcs_rows)
         # validation: greedy accuracy as the test sets are scored, and the gold CoTs' NLL (the tie-break)
-        completions = generate(model, tokenizer, [r["problem"] for r in val_rows], how, params.eval.batch_size)
         forced = teacher_forced(model, tokenizer, [(r["problem"], r["cot_solution"]) for r in val_rows],
-                                params.eval.nll_batch_size)
+                                params.eval.nll_batch_size, prime=range(len(val_rows)))
+        completions = generate(model, tokenizer, [r["problem"] for r in val_rows], how, params.eval.batch_size,
+                               {i: f.primed for i, f in enumerate(forced)})
         val = validation(score(val_rows, [c.text for c in completions]), [(f.nll, f.tokens) for f in forced])
         metrics = summarize([evaluation], evaluation["lcs_layers"])
         summary = summarize_training(name, history, {"units_train": len(encoded), "units_too_long": too_long,

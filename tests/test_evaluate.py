@@ -14,7 +14,7 @@ from iga.eval.evaluate import (Decoding, depth_layers, evaluate_student, generat
 from iga.params import load_params
 from iga.train.decode import Stop
 from iga.train.forced import teacher_forced
-from iga.train.sft import encode
+from iga.train.sft import encode, prompt_text
 from iga.train.student import load_student, load_trained
 
 
@@ -44,6 +44,25 @@ def test_batched_generation_equals_one_at_a_time(trained):
     batched = generate(model, tokenizer, problems, how, batch_size=3)  # 3 slots, 8 prompts: rows join and leave
     alone = [generate(model, tokenizer, [p], how, batch_size=1)[0] for p in problems]
     assert batched == alone and all(c.text for c in batched)
+
+
+def test_generation_from_the_teacher_forced_pass_states_equals_encoding_the_prompts(trained):
+    """Evaluation decodes held-out prompts from the states its teacher-forced pass left (the prompt opens
+    the forced row): the same completions as encoding each prompt again, and the same NLL as a pass that
+    keeps nothing."""
+    model, tokenizer = trained
+    rows = isomer_rows(2)
+    how = Decoding(12, Stop())
+    forced = teacher_forced(model, tokenizer, pairs(rows), 3, prime={1, 2, 5, 6, 7})
+    assert [f.nll for f in forced] == [f.nll for f in teacher_forced(model, tokenizer, pairs(rows), 3)]
+    assert [f.primed is not None for f in forced] == [i in {1, 2, 5, 6, 7} for i in range(len(rows))]
+    primed = {i: f.primed for i, f in enumerate(forced) if f.primed is not None}
+    problems = [r["problem"] for r in rows]
+    assert generate(model, tokenizer, problems, how, 3, primed) == generate(model, tokenizer, problems, how, 3)
+    own = len(tokenizer(prompt_text(tokenizer, problems[0]), add_special_tokens=False)["input_ids"])
+    other = next(p for p in primed.values() if p.tokens != own)  # another prompt's states, of another length
+    with pytest.raises(ValueError, match=f"primed with {other.tokens} tokens' states, but it has {own}"):
+        generate(model, tokenizer, problems[:1], how, 3, {0: other})
 
 
 def test_missing_adapter_is_a_clear_error(tiny_base, tmp_path):

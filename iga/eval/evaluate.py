@@ -16,7 +16,7 @@ from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from iga.eval.scores import DEPTHS, score_records
 from iga.hardware import describe, resolve_device, resolve_precision
 from iga.params import Budget, Params
 from iga.train import decode
-from iga.train.decode import Completion, Stop
+from iga.train.decode import Completion, Primed, Stop
 from iga.train.forced import teacher_forced
 from iga.train.sft import IGNORE, encode, isomer_groups, prompt_text
 from iga.train.student import load_trained
@@ -72,10 +72,12 @@ def evaluation_stop(longest_line: int) -> Stop:
 
 
 def generate(model: Any, tokenizer: Any, problems: list[str], how: Decoding, batch_size: int,
-             on_done: Callable[[int], None] = lambda n: None) -> list[Completion]:
-    """Greedy completions of `problems` in the student's chat template, each stopped as `how` says."""
+             primed: Mapping[int, Primed] | None = None, on_done: Callable[[int], None] = lambda n: None
+             ) -> list[Completion]:
+    """Greedy completions of `problems` in the student's chat template, each stopped as `how` says; problem
+    `i` in `primed` starts from those states of its prompt."""
     return decode.generate(model, tokenizer, [prompt_text(tokenizer, p) for p in problems], how.max_new_tokens,
-                           batch_size, how.stop, on_done)
+                           batch_size, how.stop, on_done, primed)
 
 
 def score(rows: list[dict[str, Any]], completions: list[str]) -> list[bool]:
@@ -131,14 +133,9 @@ def evaluate_student(model: Any, tokenizer: Any, test: list[dict[str, Any]], ood
     key = lambda r: (r["group_id"], r["domain"])  # noqa: E731
     chosen = {name: [r for r in rows if to_generate is None or key(r) in to_generate]
               for name, rows in held_out.items()} | external
-    problems = [r["problem"] for rows in chosen.values() for r in rows]
-    t0 = time.perf_counter()
-    made = generate(model, tokenizer, problems, how, batch_size, on_done=progress("generating", len(problems)))
-    flat, t1 = iter(made), time.perf_counter()
-    done = {name: [next(flat) for _ in rows] for name, rows in chosen.items()}  # one call: fuller batches
-    texts = {name: [c.text for c in made] for name, made in done.items()}
 
-    # NLL of every held-out row and the LCS states of the chosen groups, from one teacher-forced pass
+    # NLL of every held-out row and the LCS states of the chosen groups, from one teacher-forced pass, which
+    # also leaves the states of the held-out prompts to generate from (the prompt is the forced row's start)
     layers = depth_layers(model.config.num_hidden_layers)
     groups = isomer_groups(test if lcs_rows is None else lcs_rows, train_domains, source)[:lcs_groups] \
         if lcs_groups else []
@@ -146,11 +143,24 @@ def evaluate_student(model: Any, tokenizer: Any, test: list[dict[str, Any]], ood
             for seqs in [[encode(tokenizer, x["problem"], x["cot_solution"]).input_ids for x in g]] for r in g}
     rows = test + ood
     rows += [r for g in groups for r in g if key(r) not in {key(x) for x in rows}]
+    by_key = {key(r): i for i, r in enumerate(rows)}
+    generated = {key(r) for name in held_out for r in chosen[name]}
+    t0 = time.perf_counter()
     forced = teacher_forced(model, tokenizer, [(r["problem"], r["cot_solution"]) for r in rows], nll_batch_size,
                             layers=layers.values(), skip=[skip.get(key(r)) for r in rows],
+                            prime={i for i, r in enumerate(rows) if key(r) in generated},
                             on_batch=progress("NLL and LCS", len(rows)))
-    t2 = time.perf_counter()
-    by_key = {key(r): i for i, r in enumerate(rows)}
+    t1 = time.perf_counter()
+
+    problems = [r["problem"] for rows in chosen.values() for r in rows]
+    primed = {n: forced[by_key[key(r)]].primed for n, r in enumerate(r for name in held_out for r in chosen[name])}
+    made = generate(model, tokenizer, problems, how, batch_size, primed,
+                    on_done=progress("generating", len(problems)))
+    del primed
+    forced = [dataclasses.replace(f, primed=None) for f in forced]  # their states served: let them go
+    flat, t2 = iter(made), time.perf_counter()
+    done = {name: [next(flat) for _ in rows] for name, rows in chosen.items()}  # one call: fuller batches
+    texts = {name: [c.text for c in made] for name, made in done.items()}
 
     scores, completions = [], []
     for name, part in held_out.items():
@@ -167,7 +177,7 @@ def evaluate_student(model: Any, tokenizer: Any, test: list[dict[str, Any]], ood
         scores += score_records(name, part, [is_correct(name, p, r["answer"]) for p, r in zip(preds, part)])
         completions += [_record(name, r["id"], r["answer"], p, c) for r, p, c in zip(part, preds, done[name])]
     consistency = [lcs_record(g, [forced[by_key[key(r)]].states for r in g], layers) for g in groups]
-    cost = {"generating_s": round(t1 - t0, 1), "teacher_forced_s": round(t2 - t1, 1),
+    cost = {"generating_s": round(t2 - t1, 1), "teacher_forced_s": round(t1 - t0, 1),
             "generated_tokens": sum(c.tokens for c in made), "stops": dict(sorted(Counter(c.stop for c in made).items()))}
     return {"scores": scores, "lcs": consistency, "lcs_layers": layers, "completions": completions, "cost": cost}
 

@@ -7,15 +7,18 @@ never end no longer hold a batch of finished rows behind them), and a row stops 
 still generate cannot change what is read from it (`Stop`): its first line (VCD), a complete `Answer:`
 line, or a line that runs on. Tokens generated after that point cost time and change no score
 (docs/measured.md: what the rule cut from the demo's completions, and that it changed none of their scores).
+A prompt whose states another pass already computed (`Primed`: evaluation's teacher-forced pass reads every
+held-out prompt on its way to the gold CoT) starts from them instead of being encoded again.
 """
 from __future__ import annotations
 
 from collections import deque
 from itertools import accumulate
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+from torch import Tensor
 
 from iga.data.answers import ANSWER_LINE
 
@@ -46,6 +49,19 @@ class Stop:
         if self.answer and any(ANSWER_LINE.match(line) for line in text.split("\n")[:ends]):
             return "answer"
         return None
+
+
+@dataclass(frozen=True)
+class Primed:
+    """A prompt as a forward pass over it left it: each layer's keys and values at its positions, (heads,
+    prompt tokens, dim), and the greedy first token (the argmax at its last position)."""
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    first: int
+
+    @property
+    def tokens(self) -> int:
+        return self.keys[0].shape[1]
 
 
 SLACK = 32  # dead cache positions before every row's start that are moved out (kvcache.Slots.shift)
@@ -89,11 +105,13 @@ class Watch:
 @torch.no_grad()
 def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int, batch_size: int,
            stopped: Callable[[int, list[int]], str | None] = lambda row, ids: None,
-           on_done: Callable[[int], None] = lambda row: None) -> list[tuple[list[int], str]]:
+           on_done: Callable[[int], None] = lambda row: None,
+           primed: Mapping[int, Primed] | None = None) -> list[tuple[list[int], str]]:
     """Greedy decoding of every prompt (token ids), `batch_size` rows at a time with the KV cache: a row
     finishes at `eos_id` (not kept), after `max_new_tokens`, or when `stopped(row, its tokens so far)` gives
     a reason; its slot then takes the next prompt, so the batch stays full until the prompts run out, when
-    finished rows leave it. Returns each prompt's tokens and why it finished, in the order given.
+    finished rows leave it. Prompt `i` in `primed` joins with its states, not encoded again. Returns each
+    prompt's tokens and why it finished, in the order given.
 
     `model.generate` keeps decoding finished rows until the longest one ends; with a few completions that
     never stop, a batch then costs max_new_tokens x its size. Here it costs what it generates.
@@ -102,6 +120,7 @@ def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_id: in
 
     from iga.train.kvcache import Slots  # transformers: imported when decoding, not with the training code
 
+    primed = primed or {}
     out: list[list[int]] = [[] for _ in prompts]
     why = ["budget"] * len(prompts)
     device = next(model.parameters()).device
@@ -118,22 +137,29 @@ def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_id: in
     def admit(slots: list[int]) -> list[int]:
         """The next prompts into `slots`, each with its first token; returns the slots filled."""
         take = [pending.popleft() for _ in range(min(len(slots), len(pending)))]
-        if not take:
-            return []
-        lengths = torch.tensor([len(prompts[r]) for r in take], device=device)
-        width = int(lengths.max())
-        ids = torch.tensor([[pad_id] * (width - len(prompts[r])) + prompts[r] for r in take], device=device)
-        part = (torch.arange(width, device=device) >= width - lengths[:, None]).long()  # left padding
-        own = DynamicCache()
-        logits = model(input_ids=ids, attention_mask=part, position_ids=(part.cumsum(-1) - 1).clamp(min=0),
-                       past_key_values=own, use_cache=True, logits_to_keep=1).logits[:, -1]
+        encode = [r for r in take if r not in primed]
+        states = {r: primed[r] for r in take if r in primed}
+        if encode:  # one forward pass over the prompts that come without their states, left-padded together
+            lengths = torch.tensor([len(prompts[r]) for r in encode], device=device)
+            width = int(lengths.max())
+            ids = torch.tensor([[pad_id] * (width - len(prompts[r])) + prompts[r] for r in encode], device=device)
+            part = (torch.arange(width, device=device) >= width - lengths[:, None]).long()  # left padding
+            own = DynamicCache()
+            logits = model(input_ids=ids, attention_mask=part, position_ids=(part.cumsum(-1) - 1).clamp(min=0),
+                           past_key_values=own, use_cache=True, logits_to_keep=1).logits[:, -1]
+            firsts = logits.argmax(-1).tolist()
+            states |= {r: Primed(tuple(layer.keys[j, :, -len(prompts[r]):] for layer in own.layers),
+                                 tuple(layer.values[j, :, -len(prompts[r]):] for layer in own.layers), firsts[j])
+                       for j, r in enumerate(encode)}
         end = cache.length
-        for j, (slot, r) in enumerate(zip(slots, take)):
-            cache.place(slot, own, j, len(prompts[r]))
+        for slot, r in zip(slots, take):
+            state = states[r]
+            if state.tokens != len(prompts[r]):
+                raise ValueError(f"prompt {r}: primed with {state.tokens} tokens' states, but it has {len(prompts[r])}")
+            cache.place(slot, state.keys, state.values)
             mask[slot] = 0
             mask[slot, end - len(prompts[r]):end] = 1
-            rows[slot] = r
-        token[slots[:len(take)]] = logits.argmax(-1)
+            rows[slot], token[slot] = r, state.first
         return slots[:len(take)]
 
     def taken(slot: int) -> bool:
@@ -182,19 +208,22 @@ def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, eos_id: in
 
 
 def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int, batch_size: int, stop: Stop,
-             on_done: Callable[[int], None] = lambda n: None) -> list[Completion]:
-    """Greedy completions of `texts` (prompts already in the chat template), in their order. Decoded longest
-    prompt first: the prompts that join the batch together are padded to the longest of them. `on_done(1)`
-    as each finishes."""
+             on_done: Callable[[int], None] = lambda n: None,
+             primed: Mapping[int, Primed] | None = None) -> list[Completion]:
+    """Greedy completions of `texts` (prompts already in the chat template), in their order; text `i` in
+    `primed` starts from those states. Decoded longest prompt first: the prompts that join the batch together
+    are padded to the longest of them. `on_done(1)` as each finishes."""
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     prompts = [encoded[i] for i in order]
+    primed = primed or {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     try:
         rows = greedy(model, prompts, max_new_tokens, tokenizer.eos_token_id, pad, batch_size,
-                      Watch(stop, tokenizer, line_end_ids(tokenizer), len(prompts)), lambda row: on_done(1))
+                      Watch(stop, tokenizer, line_end_ids(tokenizer), len(prompts)), lambda row: on_done(1),
+                      {row: primed[i] for row, i in enumerate(order) if i in primed})
     finally:
         model.train(was_training)
     out: list[Completion | None] = [None] * len(texts)

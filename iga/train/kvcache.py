@@ -11,7 +11,7 @@ and as one prompt at a time, docs/measured.md).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
@@ -26,9 +26,10 @@ class _Layer(DynamicLayer):
         raise RuntimeError("a Slots cache is filled with Slots.place before it is decoded into")
 
     def allocate(self, slots: int, like_keys: Tensor, like_values: Tensor) -> None:
+        """Buffers for `slots` rows shaped as one row's (heads, positions, dim) keys and values."""
         self.dtype, self.device = like_keys.dtype, like_keys.device
-        self._keys = like_keys.new_zeros(slots, like_keys.shape[1], self.capacity, like_keys.shape[3])
-        self._values = like_values.new_zeros(slots, like_values.shape[1], self.capacity, like_values.shape[3])
+        self._keys = like_keys.new_zeros(slots, like_keys.shape[0], self.capacity, like_keys.shape[2])
+        self._values = like_values.new_zeros(slots, like_values.shape[0], self.capacity, like_values.shape[2])
         self.is_initialized = True
 
     def _views(self) -> None:
@@ -66,15 +67,15 @@ class Slots(Cache):
         for layer in self.layers:
             layer.length = length
 
-    def place(self, slot: int, prompt: Cache, row: int, tokens: int) -> None:
-        """Row `row` of a prompt group's own cache (its last `tokens` positions: the group's left padding
-        left out) into `slot`, ending at `length`; what the slot held before is masked by the caller."""
-        for layer, source in zip(self.layers, prompt.layers):
+    def place(self, slot: int, keys: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+        """One prompt's keys and values, (heads, its tokens, dim) per layer, into `slot`, ending at `length`;
+        what the slot held before is masked by the caller."""
+        for layer, k, v in zip(self.layers, keys, values, strict=True):
             if not layer.is_initialized:
-                layer.allocate(self.slots, source.keys, source.values)
+                layer.allocate(self.slots, k, v)
             end = layer.length
-            layer._keys[slot, :, end - tokens:end] = source.keys[row, :, -tokens:]
-            layer._values[slot, :, end - tokens:end] = source.values[row, :, -tokens:]
+            layer._keys[slot, :, end - k.shape[1]:end] = k
+            layer._values[slot, :, end - v.shape[1]:end] = v
             layer._views()
 
     def shift(self, by: int) -> None:
