@@ -230,7 +230,7 @@ MethodConfig = (ERMConfig | IGAConfig | PenaltyConfig | PCGradConfig | AndMaskCo
 class RunConfig:
     """One row of the experiment: a method of `methods` trained on a variant of the data."""
     method: str  # a key of `methods`
-    data: Literal["isomers", "random_pairing", "shuffled", "seed_only"]
+    data: Literal["isomers", "random_pairing", "shuffled", "seed_only", "no_hints"]
     domains: tuple[str, ...] | None  # a subset of domains.train (None: all of them)
     split: Literal["seed", "instance"]
 
@@ -269,6 +269,7 @@ class ExperimentParams:
     ranges: dict[str, dict[str, HparamRange]]  # train (lr) or a method kind -> its swept fields -> their ranges
     table1: tuple[str, ...]  # keys of runs: the methods table
     table2: tuple[str, ...]  # keys of runs: the ablations, each against full IGA
+    oracle: str | None  # key of the run (data no_hints) Table 1 measures the gap closed against; null: none
     runs: dict[str, RunConfig]
 
 
@@ -554,13 +555,20 @@ def _validate_experiment(p: Params) -> None:
         _check(not unknown, f"{key}.domains", f"must be a subset of domains.train {list(p.domains.train)}", unknown)
         _check(run.data != "seed_only" or len(domains) == 1, f"{key}.domains", "must name one domain for data "
                "seed_only", domains)
-        per_unit = len(domains) if run.data in ("isomers", "random_pairing") else 1
+        per_unit = len(domains) if run.data in ("isomers", "random_pairing", "no_hints") else 1
         _check(rows % per_unit == 0, f"{key}.domains", f"must divide the {rows} sequences of a micro-batch "
                "(train.groups_per_batch x len(domains.train))", domains)
     for table in ("table1", "table2"):
         for i, name in enumerate(getattr(ex, table)):
             _check(name in ex.runs, f"experiment.{table}[{i}]", "must be a key of experiment.runs", name)
     _check("iga" in ex.table1, "experiment.table1", "must include iga (both tables compare with it)", ex.table1)
+    if ex.oracle is not None:
+        _check(ex.oracle in ex.runs and ex.runs[ex.oracle].data == "no_hints", "experiment.oracle",
+               "must be a key of experiment.runs whose data is no_hints (the problems without their hints)", ex.oracle)
+        _check(ex.oracle not in ex.table1 + ex.table2, "experiment.oracle", "must not be a row of table1 or table2 "
+               "(a reference, not a competitor: Table 1 shows it apart)", ex.oracle)
+        _check("erm" in ex.table1, "experiment.table1", "must include erm when experiment.oracle is set (the gap "
+               "closed runs from erm to the oracle)", ex.table1)
     _validate_ranges(p)
 
 

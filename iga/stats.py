@@ -16,7 +16,7 @@ true null somewhat more often than α.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -87,14 +87,16 @@ def gap_closed(method: Sequence | np.ndarray, baseline: Sequence | np.ndarray, r
     gap = r.mean() - b.mean()
     if gap == 0:
         raise ValueError("the baseline and the reference agree: there is no gap to close")
-    gaps = _replicates([b, r], clusters, lambda x, y: y.mean() - x.mean(), n_boot, seed)
+    def gap_and_fraction(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[float, float]:
+        g = z.mean() - y.mean()
+        return g, (x.mean() - y.mean()) / g
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # a draw whose gap vanishes: ±inf, or nan (0/0), left out
+        gaps, fractions = _replicates(arrays, clusters, gap_and_fraction, n_boot, seed).T
     glo, ghi = _percentiles(gaps, level)
     if glo <= 0 <= ghi:
         return float((m.mean() - b.mean()) / gap), -np.inf, np.inf
-    with np.errstate(divide="ignore", invalid="ignore"):  # a draw whose gap vanishes: ±inf, or nan (0/0), left out
-        reps = _replicates(arrays, clusters, lambda x, y, z: (x.mean() - y.mean()) / (z.mean() - y.mean()), n_boot,
-                           seed)
-    lo, hi = _percentiles(reps[~np.isnan(reps)], level)
+    lo, hi = _percentiles(fractions[~np.isnan(fractions)], level)
     return float((m.mean() - b.mean()) / gap), lo, hi
 
 
@@ -205,17 +207,13 @@ def detectable_difference(diffs: np.ndarray, step: np.ndarray | None = None, alp
 
 # --- resampling ------------------------------------------------------------------------------------
 
-def _replicates(arrays: list[np.ndarray], clusters: Clusters, stat: Callable[..., float], n_boot: int,
+def _replicates(arrays: list[np.ndarray], clusters: Clusters, stat: Callable[..., Any], n_boot: int,
                 seed: int) -> np.ndarray:
-    """`stat` on `n_boot` cluster-resampled copies of `arrays` (one draw of rows shared by all)."""
-    n = len(arrays[0])
-    members = _members(clusters, n)
+    """`stat` on `n_boot` cluster-resampled copies of `arrays` (one draw of rows shared by all): (n_boot,)
+    for a scalar statistic, (n_boot, k) for k of them."""
+    members = _members(clusters, len(arrays[0]))
     rng = np.random.default_rng(seed)
-    out = np.empty(n_boot)
-    for k in range(n_boot):
-        idx = members(rng)
-        out[k] = stat(*(x[idx] for x in arrays))
-    return out
+    return np.array([stat(*(x[idx] for x in arrays)) for idx in (members(rng) for _ in range(n_boot))], dtype=float)
 
 
 def _members(clusters: Clusters, n: int) -> Callable[[np.random.Generator], np.ndarray]:

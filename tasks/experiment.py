@@ -23,7 +23,7 @@ from iga.errors import DataError
 from iga.eval.evaluate import decoding, evaluate_student, for_evaluation, generate, score, teacher_forced
 from iga.eval.scores import summarize
 from iga.experiment.sweep import Pair, drawn, hold_out, hparams, ranges_read, validation, validation_seeds
-from iga.experiment.variants import complete_groups, evaluation_sets, run_domains, train_units
+from iga.experiment.variants import as_seen, complete_groups, evaluation_sets, run_domains, train_units
 from iga.hardware import describe, resolve_device, resolve_precision
 from iga.io import read_jsonl, write_json, write_jsonl
 from iga.params import Params, TrainParams
@@ -80,6 +80,7 @@ def run_pair(params: Params, pair: Pair, parent_run_id: str, threads: int) -> di
     device = resolve_device(tp.device)
     seed_level, seed_md5s = _parts(params, "seed")
     parts, md5s = (seed_level, seed_md5s) if run.split == "seed" else _parts(params, run.split)
+    seed_level, parts = ({side: as_seen(rows, run) for side, rows in sides.items()} for sides in (seed_level, parts))
     source = next(iter(md5s))  # the file its training rows come from
     data = seed_md5s | md5s  # LCS and validation come from the seed-level split whatever the run's split
     precision, eval_dtype = resolve_precision(tp.precision, device), resolve_precision(params.eval.dtype, device)
@@ -90,6 +91,7 @@ def run_pair(params: Params, pair: Pair, parent_run_id: str, threads: int) -> di
 
     held = validation_seeds(seed_level["train"], ex.val_seeds, params.domains.train, params.split.seed, str(TRAIN))
     _, val_rows = hold_out(seed_level["train"], held, params.domains.train)
+    _, val_ood = hold_out(as_seen(read_jsonl(ACCEPTED), run), held, params.domains.ood)  # test-domain validation
     train_rows, _ = hold_out(parts["train"], held, params.domains.train)  # no run trains on a validation seed
     units = train_units(complete_groups(train_rows, params.domains.train), run, params.domains.train, seed, source)
     model, tokenizer = load_student(BASE_MODEL, params.lora, params.student.dtype, seed=seed)
@@ -128,12 +130,17 @@ def run_pair(params: Params, pair: Pair, parent_run_id: str, threads: int) -> di
                                       how=how, batch_size=params.eval.batch_size,
                                       nll_batch_size=params.eval.nll_batch_size,
                                       lcs_groups=len(lcs_rows), source=source, lcs_rows=lcs_rows)
-        # validation: greedy accuracy as the test sets are scored, and the gold CoTs' NLL (the tie-break)
-        forced = teacher_forced(model, tokenizer, [(r["problem"], r["cot_solution"]) for r in val_rows],
-                                params.eval.nll_batch_size, prime=range(len(val_rows)))
-        completions = generate(model, tokenizer, [r["problem"] for r in val_rows], how, params.eval.batch_size,
+        # validation in the training domains and in the held-out ones: greedy accuracy as the test sets are
+        # scored, and the gold CoTs' NLL (the tie-break)
+        both = val_rows + val_ood
+        forced = teacher_forced(model, tokenizer, [(r["problem"], r["cot_solution"]) for r in both],
+                                params.eval.nll_batch_size, prime=range(len(both)))
+        completions = generate(model, tokenizer, [r["problem"] for r in both], how, params.eval.batch_size,
                                {i: f.primed for i, f in enumerate(forced)})
-        val = validation(score(val_rows, [c.text for c in completions]), [(f.nll, f.tokens) for f in forced])
+        figures = [validation(score(rows, [c.text for c in completions[part]]),
+                              [(f.nll, f.tokens) for f in forced[part]])
+                   for rows, part in ((val_rows, slice(len(val_rows))), (val_ood, slice(len(val_rows), None)))]
+        val = figures[0] | {"ood": figures[1]}
         metrics = summarize([evaluation], evaluation["lcs_layers"])
         summary = summarize_training(name, history, {"units_train": len(encoded), "units_too_long": too_long,
                                                      "trainable_parameters": n_trainable, "train_s": train_s,
@@ -142,7 +149,8 @@ def run_pair(params: Params, pair: Pair, parent_run_id: str, threads: int) -> di
         mlflow.log_metrics({k: metrics[k] for k in ("id_accuracy", "ood_accuracy", "delta_gap", "nll_id", "nll_ood",
                                                     "nll_gap")}
                            | {"train_s": train_s, "eval_s": summary["eval_s"], "val_accuracy": val["accuracy"],
-                              "val_nll": val["nll"], "lcs_normalized": metrics["lcs"]["penultimate"]["normalized"]})
+                              "val_nll": val["nll"], "val_ood_accuracy": val["ood"]["accuracy"],
+                              "lcs_normalized": metrics["lcs"]["penultimate"]["normalized"]})
     shutil.rmtree(checkpoints)  # finished: nothing left to resume (the checkpoints live on the node that ran it)
     ran = {"device": describe(device), "train_precision": precision, "eval_dtype": eval_dtype,
            "decoding": dataclasses.asdict(how),

@@ -25,7 +25,7 @@ from iga.errors import ConfigError, DataError
 from iga.eval.scores import DEPTHS
 from iga.experiment.pairs import check, dvc_pairs, render
 from iga.experiment.sweep import Pair
-from iga.experiment.variants import PHRASINGS, complete_groups, held_out, train_units
+from iga.experiment.variants import PHRASINGS, as_seen, complete_groups, held_out, train_units
 from iga.io import read_jsonl, write_jsonl
 from iga.params import RunConfig, load_params
 from iga.report.comparable import check_comparable
@@ -81,6 +81,41 @@ def test_shuffled_units_are_single_instances_and_seed_only_one_domain_rephrased(
 def test_domain_subsets_keep_the_named_domains_in_order(rows):
     units = train_units(rows, run("isomers", ("mathematics", "legal")), DOMAINS, 0, "x")
     assert all([r["domain"] for r in u] == ["mathematics", "legal"] for u in units)
+
+
+def test_no_hints_is_the_same_problems_without_their_planted_hints(rows):
+    """The no-hint oracle's data: each problem that carries a hint loses exactly its last sentence, the hint;
+    nothing else of any row changes, and its units are the isomer groups."""
+    from iga.data.domains import DOMAINS as VOICES, stated_hint
+
+    oracle = run("no_hints", method="erm")
+    seen = as_seen(rows, oracle)
+    hinted = [(r, s) for r, s in zip(rows, seen) if stated_hint(r["problem"], r["domain"])]
+    assert len(hinted) >= len(rows) // 4  # the default teacher hints most yes/no problems
+    for r, s in zip(rows, seen):
+        assert stated_hint(s["problem"], s["domain"]) is None and {**s, "problem": r["problem"]} == r
+    for r, s in hinted:
+        cue = VOICES[r["domain"]].cues[stated_hint(r["problem"], r["domain"]) == "no"]
+        assert r["problem"] == f"{s['problem']} {cue}"
+    assert train_units(seen, oracle, DOMAINS, 0, "x") == train_units(seen, run("isomers"), DOMAINS, 0, "x")
+    assert as_seen(rows, run("isomers")) is rows
+
+
+def test_the_gap_section_measures_each_run_against_erm_and_the_oracle():
+    from iga.report.tables import gap_section
+
+    # one seed, one draw per problem: a run at p answers every problem a run below p answers
+    evaluations = {name: [_evaluation(p, 0.6, seed) for seed in range(3)]
+                   for name, p in (("erm", 0.2), ("iga", 0.55), ("oracle", 0.9), ("irm", 0.2))}
+    text = gap_section(evaluations, "oracle")
+    assert "oracle − erm, OOD accuracy: ood_accuracy +" in text
+    fraction = {m[0]: (float(m[1]), float(m[2]), float(m[3]))
+                for m in re.findall(r"\| (\w+) \| ([+-][\d.]+) \| \[(-?[\d.]+), (-?[\d.]+)\] \| 40 \|", text)}
+    assert set(fraction) == {"iga", "irm"}
+    assert fraction["iga"][1] < fraction["iga"][0] < fraction["iga"][2] and abs(fraction["iga"][0] - 0.5) < 0.1
+    assert fraction["irm"][0] == 0 and fraction["irm"][1] == fraction["irm"][2] == 0  # erm's own answers
+    same = evaluations | {"oracle": evaluations["erm"]}
+    assert "No gap" in gap_section(same, "oracle")
 
 
 def test_held_out_takes_whole_seeds_and_complete_groups_drops_broken_ones(rows):
@@ -143,6 +178,10 @@ RANGES, METHODS = PROJECT["experiment"]["ranges"], PROJECT["methods"]
     ("experiment.runs.iga.method", "nope", "experiment.runs.iga.method must be a key of methods"),
     ("experiment.table2", ["iga", "missing"], "experiment.table2[1] must be a key of experiment.runs"),
     ("experiment.table1", ["erm", "irm"], "experiment.table1 must include iga"),
+    ("experiment.oracle", "erm", "experiment.oracle must be a key of experiment.runs whose data is no_hints"),
+    ("experiment.oracle", "nope", "experiment.oracle must be a key of experiment.runs whose data is no_hints"),
+    ("experiment.table1", ["erm", "iga", "oracle"], "experiment.oracle must not be a row of table1 or table2"),
+    ("experiment.table1", ["iga", "irm"], "experiment.table1 must include erm when experiment.oracle is set"),
     ("methods.iga-factor-mask.projection", "chain_rule", "must be none when reconstruction is none"),
     ("experiment.runner", "slurm", "experiment.runner must be one of ['local', 'ray']"),
     ("experiment.ray", {"address": "head node", "resources": {"num_cpus": 1, "num_gpus": 0}},
@@ -207,7 +246,7 @@ def test_runs_of_different_precisions_are_refused_in_one_table():
 SETTINGS = {"experiment.seeds": [0], "experiment.steps": 2, "experiment.eval_groups": 2,
             "experiment.max_new_tokens": 8, "experiment.cost_steps": 1, "experiment.hparam_draws": 2,
             "experiment.table1": ["erm", "iga"], "experiment.table2": ["erm"]}  # Table 2: erm as an "ablation"
-MATRIX = [Pair("erm", 0, 0), Pair("iga", 0, 0), Pair("erm", 1, 0), Pair("iga", 1, 0)]  # every pair a process
+MATRIX = [Pair(run, draw, 0) for draw in (0, 1) for run in ("erm", "iga", "oracle")]  # every pair a process
 INPUTS = (SEEDS, ACCEPTED, TRAIN, TEST, OOD, BASE_MODEL)  # what the data and student stages write
 def stale(repo: Path, env: dict) -> set[str]:
     return set(json.loads(sh(DVC + ["status", "--json"], repo, env) or "{}"))
@@ -322,7 +361,8 @@ def test_the_matrix_sweeps_selects_writes_the_tables_and_dvc_status_names_what_a
     # the draws: 0 the configured values, 1 random from the kind's ranges; each pair validated on held-out seeds
     assert results[Pair("iga", 0, 0)]["hparams"] == {"lr": params.train.lr, "tau": params.methods["iga"].tau}
     assert results[Pair("iga", 1, 0)]["hparams"] == hparams(params, "iga", 1) != results[Pair("iga", 0, 0)]["hparams"]
-    assert all(r["validation"]["n"] == 4 * len(DOMAINS) for r in results.values())
+    assert all(r["validation"]["n"] == 4 * len(DOMAINS) and r["validation"]["ood"]["n"] == 4 * 2
+               for r in results.values())  # 4 validation seeds' training-domain and held-out-domain problems
     train_groups = len({r["group_id"] for r in read_jsonl(b / TRAIN)})
     assert results[Pair("erm", 0, 0)]["train"]["units_train"] == train_groups - 4  # the validation seeds left training
     assert not list((b / "experiments").glob("checkpoints/*"))  # finished pairs keep no checkpoint
@@ -331,8 +371,14 @@ def test_the_matrix_sweeps_selects_writes_the_tables_and_dvc_status_names_what_a
     assert "Holm" in t1 and "p_H" in t1 and "Minimum detectable difference" in t1
     assert re.search(r"\| erm \| [^|]+ \| [\d.]+ \[[\d.]+, [\d.]+\] \|", t1)  # every figure with its interval
     assert "model selection: training-domain validation, 2 draws per method" in t1 and "## Model selection" in t1
+    assert "# Table 1: IGA against the baselines, test-domain validation" in t1  # DomainBed's both rules
+    assert "## Model selection: test-domain validation" in t1 and "held-out-domain instances" in t1
     for (name, seed), r in select(r for p, r in results.items() if p.run in ("erm", "iga")).items():
         assert f"| {name} | {seed} | {r['draw']} |" in t1  # the selection table names each run's selected draw
+    assert "| oracle |" in t1 and "## The gap to the no-hint oracle" in t1  # the reference, apart from the verdicts
+    assert "| oracle |" not in t1.split("## Where iga wins")[1].split("## The gap")[0]
+    hinted = [s for p in MATRIX if p.run != "oracle" for s in scores[p] if s["follows_hint"] is not None]
+    assert hinted and not [s for p in MATRIX if p.run == "oracle" for s in scores[p] if s["follows_hint"] is not None]
     assert "| erm | method `erm` |" in t2 and "(draw 0)" in t2
     assert all(f"| {m} |" in t3 for m in ("erm", "iga")) and "1.00×" in t3
     assert (b / "reports/experiment/summary.md").is_file()
@@ -366,7 +412,7 @@ def test_the_matrix_sweeps_selects_writes_the_tables_and_dvc_status_names_what_a
 
     assert stale_after("experiment.ranges.iga.tau", {"lo": 0.01, "hi": 0.02, "scale": "log"}) == {"sweep@iga-d1-s0"}
     assert stale_after("experiment.ranges.train.lr", {"lo": 1e-4, "hi": 1e-2, "scale": "log"}) == {
-        "sweep@iga-d1-s0", "sweep@erm-d1-s0"}  # every random draw (erm's kind has no section of its own)
+        "sweep@iga-d1-s0", "sweep@erm-d1-s0", "sweep@oracle-d1-s0"}  # every random draw (erm's kind: no section)
     assert stale_after("methods.iga.tau", 0.7) == {"run@iga-d0-s0", "sweep@iga-d1-s0", "cost"}
     assert stale_after("experiment.cost_steps", 2) == {"cost"}
     assert stale_after("experiment.runner", "ray") == set()  # where pairs run changes no result

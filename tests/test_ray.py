@@ -117,7 +117,8 @@ def test_ray_runner_fills_the_pair_outputs_at_once_commits_them_and_nests_their_
                            "experiment.ray": {"address": head(), "resources": {"num_cpus": 1, "num_gpus": 0}},
                            "experiment.seeds": [0], "experiment.hparam_draws": 1, "experiment.steps": 2,
                            "experiment.eval_groups": 2, "experiment.max_new_tokens": 8, "experiment.cost_steps": 1,
-                           "experiment.table1": ["erm", "iga"], "experiment.table2": ["iga"]}, tiny_base, env)
+                           "experiment.table1": ["erm", "iga"], "experiment.table2": ["iga"],
+                           "experiment.oracle": None}, tiny_base, env)  # two pairs, side by side
     pairs = [Pair("erm", 0, 0), Pair("iga", 0, 0)]
     monkeypatch.chdir(repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # absolute: the workers get it from the job

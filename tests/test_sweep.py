@@ -72,11 +72,14 @@ def test_log_scale_is_log_uniform():
                         float(f"{random.Random(0).uniform(0.5, 1.0):.4g}"))
 
 
-def test_the_matrix_sweeps_table1_and_runs_table2_at_the_defaults():
+def test_the_matrix_sweeps_table1_and_the_oracle_and_runs_table2_at_the_defaults():
     pairs = matrix(P)
     ex = P.experiment
-    assert len(pairs) == len(ex.seeds) * (len(ex.table1) * ex.hparam_draws + len(set(ex.table2) - set(ex.table1)))
-    assert {(d, s) for r, d, s in pairs if r == "irm"} == {(d, s) for d in range(ex.hparam_draws) for s in ex.seeds}
+    assert ex.oracle == "oracle" and ex.oracle not in ex.table1 + ex.table2
+    assert len(pairs) == len(ex.seeds) * ((len(ex.table1) + 1) * ex.hparam_draws
+                                          + len(set(ex.table2) - set(ex.table1)))
+    every = {(d, s) for d in range(ex.hparam_draws) for s in ex.seeds}
+    assert {(d, s) for r, d, s in pairs if r == "irm"} == every == {(d, s) for r, d, s in pairs if r == "oracle"}
     assert {d for r, d, _ in pairs if r in ex.table2} == {0}
     assert len(set(pairs)) == len(pairs)
 
@@ -109,8 +112,20 @@ def test_validation_figures():
         {"accuracy": 0.75, "nll": (0.5 + 1.0 + 0.0 + 1.0) / 4, "n": 4}
 
 
-def _result(run: str, draw: int, seed: int, accuracy: float, nll: float = 1.0) -> dict:
-    return {"run": run, "draw": draw, "seed": seed, "validation": {"accuracy": accuracy, "nll": nll}}
+def _result(run: str, draw: int, seed: int, accuracy: float, nll: float = 1.0, ood: float = 0.0) -> dict:
+    return {"run": run, "draw": draw, "seed": seed,
+            "validation": {"accuracy": accuracy, "nll": nll, "ood": {"accuracy": ood, "nll": nll}}}
+
+
+def test_test_domain_selection_reads_the_held_out_domains_validation():
+    """DomainBed's two rules on the same results: the draw best in the training domains is not the one best
+    in the held-out domains (a draw that fits the hint)."""
+    results = [_result("erm", 0, 0, 0.75, ood=0.25), _result("erm", 1, 0, 0.5, ood=0.5),
+               _result("erm", 2, 0, 0.5, ood=0.5, nll=0.9)]
+    assert select(results)[("erm", 0)]["draw"] == 0
+    assert select(results, "test-domain validation")[("erm", 0)]["draw"] == 2  # the tie to the lower NLL
+    with pytest.raises(KeyError):
+        select(results, "leave-one-domain-out")
 
 
 def test_selection_is_per_training_seed_with_ties_to_the_lower_nll_then_the_lower_draw():

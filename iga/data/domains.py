@@ -323,3 +323,12 @@ def stated_hint(problem: str, domain: str) -> str | None:
     None when it has none: a per-problem handle on how far a student follows the cue."""
     d = DOMAINS.get(domain)
     return next((answer for answer, cue in zip(("yes", "no"), d.cues) if problem.endswith(cue)), None) if d else None
+
+
+def without_hint(problem: str, domain: str) -> str:
+    """`problem` as the teacher wrote it before planting its hint: the no-hint oracle's view of the same
+    problem (Colored MNIST's grayscale digit)."""
+    hint = stated_hint(problem, domain)
+    if hint is None:
+        return problem
+    return problem.removesuffix(" " + DOMAINS[domain].cues[hint == "no"])

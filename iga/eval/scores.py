@@ -41,10 +41,15 @@ LEVEL = 0.95
 
 @dataclass(frozen=True)
 class Units:
-    """The values a figure averages: `keys` pair two methods' values, `clusters` are test seeds."""
+    """The values a figure averages: `keys` pair two methods' values, `clusters` are test seeds; `whole`:
+    each value is one problem scored 0 or 1, so the figure moves in whole problems."""
     keys: list[str]
     clusters: list[str]
     values: np.ndarray
+    whole: bool = False
+
+
+WHOLE = {"correct", "follows_hint"}  # score fields that are 0 or 1 per problem
 
 
 def score_records(name: str, rows: list[dict[str, Any]], correct: Sequence[bool | None] | None = None,
@@ -70,7 +75,7 @@ def _rows(set_name: str, field: str, domain: str | None = None) -> Callable[[Eva
         rows = [r for r in ev["scores"] if r["set"] == set_name and r.get(field) is not None
                 and (domain is None or r["domain"] == domain)]
         return Units([r["id"] for r in rows], [r["seed_id"] for r in rows],
-                     np.array([float(r[field]) for r in rows]))
+                     np.array([float(r[field]) for r in rows]), whole=field in WHOLE)
     return units
 
 
@@ -307,13 +312,12 @@ def detectable(a: Sequence[Evaluation], b: Sequence[Evaluation], name: str, alte
         means = [_seed_means(u) for u in units]
         per_seed.append({s: means[0][s] - means[1][s] for s in set(means[0]) & set(means[1])})
         rows.update(Counter(units[0].clusters))
+        whole = units[0].whole
     common = sorted(set.intersection(*(set(d) for d in per_seed)))
     if len(common) < 2:
         raise DataError(f"{name}: fewer than 2 test seeds scored by both methods")
     diffs = np.array([[d[s] for s in common] for d in per_seed])
-    per_problem = name in ("id_accuracy", "ood_accuracy", "hint_id", "hint_ood") or name.startswith(
-        ("domain_accuracy.", "external."))  # figures scored 0/1 per problem
-    step = np.array([1.0 / rows[s] for s in common]) if per_problem else None
+    step = np.array([1.0 / rows[s] for s in common]) if whole else None
     try:
         return detectable_difference(diffs, step, alternative=alternative), len(common)
     except ValueError as e:

@@ -18,7 +18,7 @@ from iga.experiment.sweep import matrix, ranges_read
 from iga.params import Params
 
 REGENERATE = "python -m flows.experiment pairs"
-HEADER = (f"# Generated from params.yaml (experiment.table1, table2, hparam_draws, seeds, runs) by `{REGENERATE}`\n"
+HEADER = (f"# Generated from params.yaml (experiment.table1, table2, oracle, hparam_draws, seeds, runs) by `{REGENERATE}`\n"
           "# (iga/experiment/pairs.py): dvc.yaml's `run` (draw 0) and `sweep` (draws 1..) stages, one per item.\n")
 Items = dict[str, dict[str, dict[str, Any]]]  # group (run | sweep) -> pair key -> item
 

@@ -9,13 +9,16 @@ set, and model selection on it.
   DomainBed, whose draws also depend on the trial seed, a draw here is the same for every training
   seed: a draw is one configuration, run once per seed.
 - **Validation** (DomainBed's holdout of each training environment): `experiment.val_seeds` seeds of
-  the training split, all their training-domain instances, held out of every run's training. The
-  test and OOD sets are never looked at.
-- **Selection** (DomainBed's `IIDAccuracySelectionMethod`, picked per trial and then averaged): for
-  each run and each training seed, the draw with the highest validation accuracy; ties go to the
-  lower validation NLL, then to the lower draw (the defaults first). The run's figures are those of
-  its selected (draw, seed) results, one per seed, with intervals over training seeds and test seeds:
-  the spread over seeds includes the selection's own.
+  the training split, all their instances held out of every run's training: their training-domain
+  instances are the validation set, their held-out-domain instances (which the split leaves out of
+  every side) the test-domain validation set. The test and OOD sets are never looked at.
+- **Selection**, both of DomainBed's rules, picked per trial and then averaged: for each run and each
+  training seed, the draw with the highest accuracy on the validation set (training-domain validation,
+  `IIDAccuracySelectionMethod`) or on the test-domain validation set (test-domain "oracle" validation,
+  `OracleSelectionMethod`: what selection could do with access to the held-out domains, not a rule a
+  user has); ties go to the lower NLL there, then to the lower draw (the defaults first). The run's
+  figures are those of its selected (draw, seed) results, one per seed, with intervals over training
+  seeds and test seeds: the spread over seeds includes the selection's own.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from iga.errors import DataError
 from iga.experiment.variants import complete_groups
 from iga.params import HparamRange, IGAConfig, MethodConfig, Params
 
-SELECTION = "training-domain validation"
+# each rule -> where a result's validation figures for it are: its validation record, or that record's `ood`
+SELECTIONS = {"training-domain validation": None, "test-domain validation": "ood"}
 Row = dict[str, Any]
 
 
@@ -107,17 +111,19 @@ def drawn(params: Params, run: str, draw: int) -> Params:
 
 
 def draws(params: Params, run: str) -> range:
-    """The draws a run takes: all `experiment.hparam_draws` for Table 1's runs (the methods are compared
-    with the same search budget), draw 0 alone for Table 2's ablations (IGA with one thing changed at
-    the configured hyperparameters; a search over τ would undo the τ ablations)."""
+    """The draws a run takes: all `experiment.hparam_draws` for Table 1's runs and the oracle (the methods
+    and their reference are compared with the same search budget), draw 0 alone for Table 2's ablations
+    (IGA with one thing changed at the configured hyperparameters; a search over τ would undo the τ
+    ablations)."""
     ex = params.experiment
-    return range(ex.hparam_draws if run in ex.table1 else 1)
+    return range(ex.hparam_draws if run in ex.table1 or run == ex.oracle else 1)
 
 
 def matrix(params: Params) -> list[Pair]:
-    """Every (run, draw, seed) of Tables 1 and 2, draw by draw: a matrix stopped early has its defaults first."""
+    """Every (run, draw, seed) of Tables 1 and 2 and the oracle, draw by draw: a matrix stopped early has its
+    defaults first."""
     ex = params.experiment
-    runs = list(dict.fromkeys(ex.table1 + ex.table2))
+    runs = list(dict.fromkeys(ex.table1 + ((ex.oracle,) if ex.oracle else ()) + ex.table2))
     return [Pair(run, d, seed) for d in range(ex.hparam_draws) for run in runs if d in draws(params, run)
             for seed in ex.seeds]
 
@@ -132,12 +138,13 @@ def validation_seeds(train: Iterable[Row], n: int, train_domains: tuple[str, ...
     return frozenset(random.Random(seed_hash("validation", seed)).sample(candidates, n))
 
 
-def hold_out(rows: Iterable[Row], seeds: frozenset[str], train_domains: tuple[str, ...]) -> tuple[list[Row], list[Row]]:
+def hold_out(rows: Iterable[Row], seeds: frozenset[str], domains: tuple[str, ...]) -> tuple[list[Row], list[Row]]:
     """(the rows left to train on, the validation rows): every row of a validation seed leaves training;
-    its training-domain rows are the validation set."""
+    its rows in `domains` are a validation set (the training domains; the held-out ones for test-domain
+    validation, from the gate's accepted rows, where the split left them)."""
     rows = list(rows)
     return ([r for r in rows if r["seed_id"] not in seeds],
-            [r for r in rows if r["seed_id"] in seeds and r["domain"] in train_domains])
+            [r for r in rows if r["seed_id"] in seeds and r["domain"] in domains])
 
 
 def validation(correct: list[bool], nll: list[tuple[float, int]]) -> dict[str, float]:
@@ -149,18 +156,20 @@ def validation(correct: list[bool], nll: list[tuple[float, int]]) -> dict[str, f
             "n": len(correct)}
 
 
-def select(results: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], Mapping[str, Any]]:
-    """Training-domain validation: for each (run, training seed), the result of the draw with the best
-    validation accuracy; ties to the lower validation NLL, then to the lower draw. Results carry `run`,
-    `draw`, `seed` and `validation` ({accuracy, nll})."""
+def select(results: Iterable[Mapping[str, Any]], rule: str = "training-domain validation"
+           ) -> dict[tuple[str, int], Mapping[str, Any]]:
+    """For each (run, training seed), the result of the draw with the best accuracy on the validation set
+    of `rule` (a key of SELECTIONS); ties to the lower NLL there, then to the lower draw. Results carry
+    `run`, `draw`, `seed` and `validation` ({accuracy, nll, ood: {accuracy, nll}})."""
+    part = SELECTIONS[rule]
     best: dict[tuple[str, int], Mapping[str, Any]] = {}
     for r in results:
         key = (r["run"], r["seed"])
-        if key not in best or _rank(r) < _rank(best[key]):
+        if key not in best or _rank(r, part) < _rank(best[key], part):
             best[key] = r
     return best
 
 
-def _rank(result: Mapping[str, Any]) -> tuple[float, float, int]:
-    v = result["validation"]
+def _rank(result: Mapping[str, Any], part: str | None) -> tuple[float, float, int]:
+    v = result["validation"] if part is None else result["validation"][part]
     return -v["accuracy"], v["nll"], result["draw"]

@@ -11,6 +11,7 @@ import random
 from collections import defaultdict
 from typing import Any
 
+from iga.data.domains import without_hint
 from iga.errors import DataError
 from iga.params import DomainsParams, RunConfig
 from iga.train.sft import isomer_groups
@@ -32,7 +33,7 @@ def train_units(rows: list[Row], run: RunConfig, train_domains: tuple[str, ...],
     groups = isomer_groups(rows, train_domains, source)
     keep = [train_domains.index(d) for d in domains]
     groups = [[g[i] for i in keep] for g in groups]
-    if run.data == "isomers":
+    if run.data in ("isomers", "no_hints"):  # no_hints: rows already as the run sees them (`as_seen`)
         return groups
     if run.data == "random_pairing":  # each domain's column permuted on its own: same rows, no isomorphism
         rng = random.Random(seed)
@@ -45,6 +46,14 @@ def train_units(rows: list[Row], run: RunConfig, train_domains: tuple[str, ...],
     if run.data == "seed_only":  # LoRA-SFT: one domain's instance of each seed, plus rephrasings
         return [[{**g[0], "problem": phrasing.format(g[0]["problem"])}] for g in groups for phrasing in PHRASINGS]
     raise ValueError(f"unknown data variant {run.data!r}")
+
+
+def as_seen(rows: list[Row], run: RunConfig) -> list[Row]:
+    """The rows as `run` reads them, in training, validation and evaluation alike: for data no_hints (the
+    no-hint oracle) every problem without its planted hint; for every other run as they are."""
+    if run.data != "no_hints":
+        return rows
+    return [{**r, "problem": without_hint(r["problem"], r["domain"])} for r in rows]
 
 
 def held_out(test: list[Row], ood: list[Row], n_groups: int, source: str) -> tuple[list[Row], list[Row]]:

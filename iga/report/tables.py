@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from iga.eval.scores import Comparison, Evaluation, compare
+from iga.eval.scores import Comparison, Evaluation, compare, gap_closed
 from iga.params import RunConfig
 from iga.report.report import Summaries, detectable_or_none, figure_cell, markdown, results_table
 from iga.stats import holm
@@ -85,15 +85,18 @@ def detectable_line(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Ev
 
 
 def table1(summaries: Summaries, evaluations: dict[str, list[Evaluation]], reference: str, scale: str,
-           run_s: float) -> str:
-    """Table 1 with every figure's interval, then the reference method against each other one."""
-    pairs = [(name, evaluations[reference], evals) for name, evals in evaluations.items() if name != reference]
+           run_s: float, oracle: str | None = None, rule: str = "training-domain validation") -> str:
+    """Table 1 under a model-selection `rule` with every figure's interval, then the reference method against
+    each other one; with an `oracle` run (no hints), each run's share of ERM's gap to it, the oracle apart from
+    the verdicts."""
+    pairs = [(name, evaluations[reference], evals) for name, evals in evaluations.items()
+             if name not in (reference, oracle)]
     results = verdicts(pairs)
     counts = _counts(results)
     rows = [[name, *(_cell(results[(name, figure)], s, d) for _, figure, _, s, d in COMPARED)]
             for name, _, _ in pairs]
     return "\n\n".join([
-        "# Table 1: IGA against the baselines",
+        f"# Table 1: IGA against the baselines, {rule}",
         f"*{scale}. Training and evaluation of all runs of Tables 1 and 2 took {run_s / 60:.0f} min on this "
         "machine.*", results_table(summaries),
         f"## Where {reference} wins, ties or loses",
@@ -101,7 +104,30 @@ def table1(summaries: Summaries, evaluations: dict[str, list[Evaluation]], refer
         f"{counts['tie']} ties, {counts['loss']} losses** of {sum(counts.values())} comparisons. Difference = "
         f"{reference} − other; the verdict is {reference}'s. " + RULE,
         markdown([f"{reference} vs", *(h for h, _, _, _, _ in COMPARED)], rows),
-        detectable_line(pairs)]) + "\n"
+        detectable_line(pairs), *([gap_section(evaluations, oracle)] if oracle else [])]) + "\n"
+
+
+def gap_section(evaluations: dict[str, list[Evaluation]], oracle: str, baseline: str = "erm") -> str:
+    """The benchmark's own test (does the baseline fall below the no-hint oracle out of domain?) and each
+    run's fraction of that gap closed (iga.eval.scores.gap_closed), with 95 % intervals."""
+    gap = compare(evaluations[oracle], evaluations[baseline], "ood_accuracy")
+    head = (f"## The gap to the no-hint oracle\n\n`{oracle}` trains {baseline} on the same problems without their "
+            f"hints: what the reasoning alone gives. {oracle} − {baseline}, OOD accuracy: "
+            f"{gap.describe(100, ' points', 1)}.")
+    if gap.delta == 0:
+        return head + f" No gap: {baseline} and the oracle answer alike out of domain, there is nothing to close."
+    rows = []
+    for name, evals in evaluations.items():
+        if name in (oracle, baseline):
+            continue
+        fraction, lo, hi, n = gap_closed(evals, evaluations[baseline], evaluations[oracle])
+        interval = "(−∞, ∞): the gap's own interval contains 0" if np.isinf(lo) else f"[{lo:.2f}, {hi:.2f}]"
+        rows.append([name, f"{fraction:+.2f}", interval, str(n)])
+    return "\n\n".join([
+        head, f"Fraction of the gap closed = (run − {baseline}) / ({oracle} − {baseline}) on OOD accuracy, on the "
+        "problems all three answered: 0 is ERM, 1 the oracle; its 95 % interval from one bootstrap of training "
+        "seeds and test seeds for all three (Fieller: unbounded when the gap may be 0).",
+        markdown(["Run", "Gap closed", "95 % interval", "OOD problems"], rows)])
 
 
 def describe(run: RunConfig, reference: RunConfig) -> str:
@@ -161,17 +187,21 @@ def table3(cost: dict[str, Any]) -> str:
     ]).rstrip() + "\n"
 
 
-def selection_table(selected: dict[str, Sequence[dict[str, Any]]], draws: int, rule: str) -> str:
-    """Which hyperparameter draw each run selected for each training seed, with the draw's values and its
-    validation figures (the results of iga.experiment.sweep.select, in Table 1's order)."""
+def selection_table(selected: dict[str, Sequence[dict[str, Any]]], draws: int, rule: str, part: str | None) -> str:
+    """Which hyperparameter draw each run selected for each training seed under `rule`, with the draw's values
+    and its validation figures there (`part` of each validation record, None: the record itself; the results of
+    iga.experiment.sweep.select and its SELECTIONS, in Table 1's order)."""
+    val = lambda r: r["validation"] if part is None else r["validation"][part]  # noqa: E731
     rows = [[name, str(r["seed"]), str(r["draw"]), ", ".join(f"{k} {v:.4g}" for k, v in r["hparams"].items()) or "–",
-             f"{100 * r['validation']['accuracy']:.1f}", f"{r['validation']['nll']:.3f}"]
+             f"{100 * val(r)['accuracy']:.1f}", f"{val(r)['nll']:.3f}"]
             for name, results in selected.items() for r in results]
+    where = ("training-domain instances" if part is None else
+             "held-out-domain instances: DomainBed's oracle rule, which no user has, the bound on what selection can do")
     return "\n\n".join([
-        "## Model selection",
+        f"## Model selection: {rule}",
         f"*{rule.capitalize()}, as DomainBed selects: {draws} draws per method (draw 0: the configured "
         "hyperparameters; draws 1 and up: random from `experiment.ranges`), each trained with every seed; for each "
-        "training seed the draw with the highest accuracy on the validation problems (training-domain instances of "
-        "training seeds held out of every run's training) is selected, ties going to the lower validation NLL, then "
-        "to the lower draw. The figures above are those of the selected runs, one per training seed.*",
+        f"training seed the draw with the highest accuracy on the validation problems ({where} of training seeds "
+        "held out of every run's training) is selected, ties going to the lower validation NLL, then to the lower "
+        "draw. The figures above are those of the selected runs, one per training seed.*",
         markdown(["Run", "Seed", "Draw", "Hyperparameters", "Val. acc. (%)", "Val. NLL"], rows)]) + "\n"
