@@ -91,7 +91,7 @@ def run_pair(params: Params, pair: Pair, parent_run_id: str, threads: int) -> di
 
     held = validation_seeds(seed_level["train"], ex.val_seeds, params.domains.train, params.split.seed, str(TRAIN))
     _, val_rows = hold_out(seed_level["train"], held, params.domains.train)
-    _, val_ood = hold_out(as_seen(read_jsonl(ACCEPTED), run), held, params.domains.ood)  # test-domain validation
+    val_ood = as_seen(hold_out(read_jsonl(ACCEPTED), held, params.domains.ood)[1], run)  # test-domain validation
     train_rows, _ = hold_out(parts["train"], held, params.domains.train)  # no run trains on a validation seed
     units = train_units(complete_groups(train_rows, params.domains.train), run, params.domains.train, seed, source)
     model, tokenizer = load_student(BASE_MODEL, params.lora, params.student.dtype, seed=seed)

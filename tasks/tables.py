@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from iga.errors import DataError
 from iga.eval.scores import summarize
 from iga.experiment import pairs
-from iga.experiment.sweep import SELECTIONS, matrix, select
+from iga.experiment.sweep import SELECTIONS, matrix, select, validation_of
 from iga.io import atomic_write_text, read_jsonl
 from iga.params import Params
 from iga.report.comparable import check_comparable
@@ -47,17 +47,18 @@ def load_results(params: Params) -> list[dict[str, Any]]:
 def write_tables(params: Params, results: list[dict[str, Any]]) -> list[Path]:
     """reports/table1.md, table2.md, table3.md and reports/experiment/ (Table 1's runs, figures), every
     figure with its interval over training seeds and test seeds. Table 1: each run's selected draw per
-    training seed (iga.experiment.sweep.select), under each of the two selection rules; Table 2: every run at draw 0, IGA's included. Refused when
-    the pairs ran under different train precisions or evaluation dtypes."""
+    training seed (iga.experiment.sweep.select), under each of the two selection rules; Table 2: every run at
+    draw 0, IGA's included. Refused when the pairs ran under different train precisions or evaluation dtypes."""
     ex = params.experiment
     check_comparable({f"{r['run']}/draw{r['draw']}/seed{r['seed']}": r["ran"] for r in results}, "the experiment's "
                      "tables")
     first = [*ex.table1, *([ex.oracle] if ex.oracle else [])]  # Table 1's runs and its reference
     by_seed = lambda rows: sorted(rows, key=lambda r: r["seed"])  # noqa: E731
+    selected = {rule: select((r for r in results if r["run"] in first), rule) for rule in SELECTIONS}
     tables = {rule: {name: [chosen[(name, seed)] for seed in ex.seeds] for name in first}  # Table 1 under each rule
-              for rule, chosen in ((rule, select((r for r in results if r["run"] in first), rule))
-                                   for rule in SELECTIONS)}
-    tables[2] = {name: by_seed(r for r in results if r["run"] == name and r["draw"] == 0) for name in ("iga", *ex.table2)}
+              for rule, chosen in selected.items()}
+    tables[2] = {name: by_seed(r for r in results if r["run"] == name and r["draw"] == 0)
+                 for name in ("iga", *ex.table2)}
     evaluations = {n: {name: [r["evaluation"] for r in rows] for name, rows in t.items()} for n, t in tables.items()}
     summaries = {n: {name: summarize(evaluations[n][name], rows[0]["lcs_layers"]) for name, rows in t.items()}
                  for n, t in tables.items()}
@@ -69,21 +70,18 @@ def write_tables(params: Params, results: list[dict[str, Any]]) -> list[Path]:
              f"problems), max_new_tokens {ex.max_new_tokens}, student {params.student.base}, trained in "
              f"{ran['train_precision']}, evaluated in {ran['eval_dtype']}")
     run_s = sum(r["train"]["train_s"] + r["train"]["eval_s"] for r in results)  # training + evaluation, all runs
-    parts, written = [], []
-    for rule, part in SELECTIONS.items():  # training-domain validation first: the report's runs
-        first_row = tables[rule][first[0]][0]["validation"]
-        n_val = (first_row if part is None else first_row[part])["n"]
-        selection = (f"model selection: {rule}, {ex.hparam_draws} draws per method (draw 0: the configured "
-                     f"hyperparameters); for each training seed the draw with the best accuracy on {n_val} "
-                     f"{'training' if part is None else 'held-out'}-domain problems of {ex.val_seeds} training seeds "
-                     "held out of every run's training")
-        if not written:
-            runs = [RunResult(r["run"], r["seed"], r["eval"], r["train"], r["history"])
-                    for rows in tables[rule].values() for r in rows]
-            written = write_report(EXPERIMENT_REPORT, runs, summaries=summaries[rule], evaluations=evaluations[rule],
-                                   title="Experiment: Table 1's runs", notes=[scale, selection])
-        parts.append(table1(summaries[rule], evaluations[rule], "iga", f"{scale}; {selection}", run_s, ex.oracle,
-                            rule) + "\n" + selection_table(tables[rule], ex.hparam_draws, rule, part))
+    selection = {rule: f"model selection: {rule}, {ex.hparam_draws} draws per method (draw 0: the configured "
+                       f"hyperparameters); for each training seed the draw with the best accuracy on "
+                       f"{validation_of(tables[rule][first[0]][0], rule)['n']} "
+                       f"{'training' if part is None else 'held-out'}-domain problems of {ex.val_seeds} training "
+                       "seeds held out of every run's training" for rule, part in SELECTIONS.items()}
+    shown = next(iter(SELECTIONS))  # training-domain validation: the report's runs
+    runs = [RunResult(r["run"], r["seed"], r["eval"], r["train"], r["history"]) for rows in tables[shown].values()
+            for r in rows]
+    written = write_report(EXPERIMENT_REPORT, runs, summaries=summaries[shown], evaluations=evaluations[shown],
+                           title="Experiment: Table 1's runs", notes=[scale, selection[shown]])
+    parts = [table1(summaries[rule], evaluations[rule], "iga", f"{scale}; {selection[rule]}", run_s, ex.oracle, rule)
+             + "\n" + selection_table(tables[rule], ex.hparam_draws, rule, part) for rule, part in SELECTIONS.items()]
     texts = {1: "\n".join(parts),
              2: table2(summaries[2], evaluations[2], ex.runs, "iga", f"{scale}; every run at the configured "
                        "hyperparameters (draw 0), IGA's included: an ablation changes one thing"),

@@ -161,15 +161,20 @@ def select(results: Iterable[Mapping[str, Any]], rule: str = "training-domain va
     """For each (run, training seed), the result of the draw with the best accuracy on the validation set
     of `rule` (a key of SELECTIONS); ties to the lower NLL there, then to the lower draw. Results carry
     `run`, `draw`, `seed` and `validation` ({accuracy, nll, ood: {accuracy, nll}})."""
-    part = SELECTIONS[rule]
     best: dict[tuple[str, int], Mapping[str, Any]] = {}
     for r in results:
         key = (r["run"], r["seed"])
-        if key not in best or _rank(r, part) < _rank(best[key], part):
+        if key not in best or _rank(r, rule) < _rank(best[key], rule):
             best[key] = r
     return best
 
 
-def _rank(result: Mapping[str, Any], part: str | None) -> tuple[float, float, int]:
-    v = result["validation"] if part is None else result["validation"][part]
+def validation_of(result: Mapping[str, Any], rule: str) -> Mapping[str, Any]:
+    """A result's validation figures ({accuracy, nll, n}) on the validation set of `rule`."""
+    part = SELECTIONS[rule]
+    return result["validation"] if part is None else result["validation"][part]
+
+
+def _rank(result: Mapping[str, Any], rule: str) -> tuple[float, float, int]:
+    v = validation_of(result, rule)
     return -v["accuracy"], v["nll"], result["draw"]
