@@ -29,13 +29,18 @@ demo: install
 
 # The docs first (mkdocs --strict: a broken link, a missing anchor or a page left out of the nav fails;
 # the site goes to .cache/site, ignored), then the default test run (tests marked `slow` excluded; times
-# in docs/measured.md); `make test-all` adds the slow ones.
+# in docs/development.md); `make test-all` adds the slow ones. The test files run on TEST_WORKERS
+# processes, each file whole on one of them (its module fixtures built once), in the order
+# tests/conftest.py sets: most of the suite waits on subprocesses and imports, one core at a time.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: install
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir .cache/site
-	$(PY) -m pytest -m "not slow" -q
+	$(PYTEST) -m "not slow"
 
 test-all: install
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 clean:
 	rm -rf data metrics plots reports dvc.lock

@@ -28,7 +28,10 @@ def peer_rank(params_path: str = str(PARAMS_FILE), method: str | None = None) ->
 
 
 def launch(params_path: str = str(PARAMS_FILE), method: str | None = None) -> dict:
-    tp = load_params(params_path).train
+    params = load_params(params_path)
+    if method:
+        params.method(method)  # an unknown name fails here, in a second, not after Prefect and torchrun start
+    tp = params.train
     if tp.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun: become it
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc_per_node={tp.nproc}", "-m", "flows.train", *sys.argv[1:]])

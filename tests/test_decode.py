@@ -10,7 +10,7 @@ import pytest
 from conftest import isomer_rows
 from iga.eval.evaluate import evaluation_stop, score
 from iga.eval.external import extract_prediction, is_correct
-from iga.train.decode import Stop, Watch, generate, greedy, line_end_ids
+from iga.train.decode import Stop, Watch, generate, greedy, line_end_ids, shared_kv_heads
 from iga.train.sft import prompt_text
 from iga.train.student import load_base, smollm2_tokenizer
 
@@ -78,6 +78,32 @@ def test_prompts_in_any_order_decode_as_longest_first(tiny_base):
     shortest_first = greedy(model, prompts, 40, eos, pad, 3)
     longest_first = greedy(model, prompts[::-1], 40, eos, pad, 3)
     assert shortest_first == longest_first[::-1]
+
+
+def test_shared_kv_heads_give_the_same_logits_and_tokens_as_their_copies(tiny_base):
+    """Decoding reads the tiny student's 2 key/value heads where its 4 query heads share them (SDPA's
+    enable_gqa) instead of from a copy per query head: with a padding mask, the same logits bit for bit and
+    the same tokens; the switch holds only inside `shared_kv_heads`."""
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+
+    model, tokenizer = load_base(tiny_base, "float32"), AutoTokenizer.from_pretrained(tiny_base)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    texts = [prompt_text(tokenizer, r["problem"]) for r in isomer_rows(2)]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert not batch.attention_mask.all()  # padded: transformers copies the heads unless told
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or tokenizer.eos_token_id
+    key = torch.zeros(1, 2, 3, 8)
+    with torch.no_grad():
+        copied = model(**batch).logits, greedy(model, prompts, 40, eos, pad, 3)
+        assert not use_gqa_in_sdpa(batch.attention_mask, key, key)
+        with shared_kv_heads():
+            assert use_gqa_in_sdpa(batch.attention_mask, key, key)
+            shared = model(**batch).logits, greedy(model, prompts, 40, eos, pad, 3)
+        assert not use_gqa_in_sdpa(batch.attention_mask, key, key)
+    assert torch.equal(shared[0], copied[0]) and shared[1] == copied[1]
 
 
 def _correct(name: str, text: str, gold: str) -> bool:

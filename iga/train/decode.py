@@ -12,16 +12,39 @@ held-out prompt on its way to the gold CoT) starts from them instead of being en
 """
 from __future__ import annotations
 
+import os
 from collections import deque
-from itertools import accumulate
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from itertools import accumulate
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from iga.data.answers import ANSWER_LINE
 
+# transformers' switch for SDPA's grouped-query attention when a mask is given (transformers.integrations.
+# sdpa_attention.use_gqa_in_sdpa); without it every layer copies its K/V heads once per query head it serves
+GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextmanager
+def shared_kv_heads() -> Iterator[None]:
+    """Attention reads each key/value head where the query heads sharing it are (SDPA's enable_gqa) instead of
+    from a copy per query head, made at every step in every layer: the same kernel and the same sums, so the
+    same tokens (measured on the demo's students: logits and completions bit-identical, decoding 9-12 % faster
+    on 2 Zen 4 cores, docs/measured.md). Only around inference: training's backward pass would sum the shared
+    heads' gradients in another order."""
+    before = os.environ.get(GQA_SWITCH)
+    os.environ[GQA_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[GQA_SWITCH]
+        else:
+            os.environ[GQA_SWITCH] = before
 
 
 @dataclass(frozen=True)
@@ -221,9 +244,10 @@ def generate(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int, 
     was_training = model.training
     model.eval()
     try:
-        rows = greedy(model, prompts, max_new_tokens, tokenizer.eos_token_id, pad, batch_size,
-                      Watch(stop, tokenizer, line_end_ids(tokenizer), len(prompts)), lambda row: on_done(1),
-                      {row: primed[i] for row, i in enumerate(order) if i in primed})
+        with shared_kv_heads():
+            rows = greedy(model, prompts, max_new_tokens, tokenizer.eos_token_id, pad, batch_size,
+                          Watch(stop, tokenizer, line_end_ids(tokenizer), len(prompts)), lambda row: on_done(1),
+                          {row: primed[i] for row, i in enumerate(order) if i in primed})
     finally:
         model.train(was_training)
     out: list[Completion | None] = [None] * len(texts)
