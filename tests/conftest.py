@@ -64,16 +64,16 @@ def write_params(directory: Path, overrides: dict | None = None) -> Path:
 
 
 # `make test` runs each file whole on one of two workers, taking the next file in collection order as one
-# finishes; these files start first, longest first (seconds of the whole file under two workers, fdc4cdd on
-# Zen 4), so that no long file starts last and leaves the other worker idle. The rest keep pytest's order.
-LONGEST_FIRST = ("test_lifecycle.py",     # 266: the scheduled lifecycle and `dvc repro` in its repo
-                 "test_experiment.py",    # 190: the tiny matrix killed and resumed in another clone
-                 "test_distributed.py",   # 150: 2-rank training against one process, every method
-                 "test_train_flow.py",    # 150: a killed training resumed; the flow on 2 ranks
-                 "test_teacher_scale.py",  # 130: the openai teacher against the fault server
-                 "test_ray.py",           # 76: a Ray head and the matrix's pairs on it
-                 "test_student.py",       # 65: SmolLM2 converted from its GGUF file
-                 "test_registry.py")      # 65: the null-promotion simulation and a real registry
+# finishes; these files start first, longest first (seconds of the whole file beside the other worker, bfb0f4b's
+# tests on Zen 4), so that no long file starts last and leaves the other worker idle. The rest keep pytest's order.
+LONGEST_FIRST = ("test_lifecycle.py",     # 276: the scheduled lifecycle and `dvc repro` in its repo
+                 "test_experiment.py",    # 210: the tiny matrix killed and resumed in another clone
+                 "test_distributed.py",   # 155: 2-rank training against one process, every method
+                 "test_teacher_scale.py",  # 145: the openai teacher against the fault server
+                 "test_train_flow.py",    # 140: a killed training resumed; the flow on 2 ranks
+                 "test_registry.py",      # 90: the null-promotion simulation and a real registry
+                 "test_ray.py",           # 85: a Ray head and the matrix's pairs on it
+                 "test_student.py")       # 45: SmolLM2 converted from its GGUF file
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
