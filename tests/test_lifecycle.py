@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import DVC, ROOT, copy_project, ran, sh, write_params
+from conftest import DVC, copy_project, ran, sh, write_params
 from servers import mlflow_server, prefect_server
 
 CRON = "30 4 * * 2"
@@ -117,14 +117,14 @@ def test_scheduled_lifecycle_on_real_prefect_and_mlflow_servers(tmp_path):
         # What DVC would rerun next, from `dvc status` instead of running it: a params change reaches its stages
         # directly, and the stages after them through their outputs (train@iga's adapter feeds evaluate@iga).
         # A method's own settings retrain only that method; a new method adds only its own stages.
+        tau, methods = params["methods"]["iga"]["tau"], params["train"]["methods"]
         params["methods"]["iga"]["tau"] = 1.0
         params["train"]["methods"] = ["erm", "iga", "iga-paper"]
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         status = sh(DVC + ["status", "evaluate", "--with-deps", "--json"], repo, env)
         assert set(json.loads(status)) == {"train@iga", "train@iga-paper", "evaluate@iga-paper"}
         # an evaluation setting re-evaluates every method without retraining any
-        params["methods"]["iga"]["tau"] = yaml.safe_load((ROOT / "params.yaml").read_text())["methods"]["iga"]["tau"]
-        params["train"]["methods"] = ["erm", "iga"]
+        params["methods"]["iga"]["tau"], params["train"]["methods"] = tau, methods
         params["eval"]["lcs_groups"] = 3
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         status = sh(DVC + ["status", "evaluate", "--with-deps", "--json"], repo, env)
