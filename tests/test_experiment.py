@@ -343,6 +343,26 @@ def test_a_stopped_matrix_resumes_in_another_clone_from_the_committed_outputs(re
     assert stale(resumed.b, resumed.env) == set()
 
 
+def test_run_pairs_computes_what_the_pair_stage_computed(resumed):
+    """tools/run_pairs.py, for a machine without DVC, Prefect or MLflow (a lent GPU), runs a pair's computation
+    as its DVC stage does: for the same pair and threads the same scores, LCS records, figures and losses."""
+    b, env = resumed.b, resumed.env
+    out, unpacked = b / "pairs.jsonl", b / "unpacked"
+    threads = str(load_params(b / "params.yaml").train.threads)
+    sh([sys.executable, str(ROOT / "tools/run_pairs.py"), str(out), "--runs", "erm", "--device", "cpu", "--threads",
+        threads], b, env)
+    sh([sys.executable, str(ROOT / "tools/run_pairs.py"), str(out), "--unpack", str(unpacked)], b, env)
+    stage, tool = pair_outputs("erm", 0, 0), {k: unpacked / "erm/draw0/seed0" / p.name
+                                              for k, p in pair_outputs("erm", 0, 0).items()}
+    assert read_jsonl(tool["scores"]) == read_jsonl(b / stage["scores"])
+    assert read_jsonl(tool["lcs"]) == read_jsonl(b / stage["lcs"])
+    ours, theirs = (json.loads(path.read_text()) for path in (tool["metrics"], b / stage["metrics"]))
+    assert ours["eval"] == theirs["eval"] and ours["validation"] == theirs["validation"]
+    assert [h["loss"] for h in ours["history"]] == [h["loss"] for h in theirs["history"]]
+    rerun = sh([sys.executable, str(ROOT / "tools/run_pairs.py"), str(out), "--runs", "erm", "--device", "cpu"], b, env)
+    assert "1 already in" in rerun and len(out.read_text().splitlines()) == 1  # a finished pair is not run again
+
+
 def test_the_matrix_sweeps_selects_writes_the_tables_and_dvc_status_names_what_a_change_reaches(resumed):
     from mlflow.tracking import MlflowClient
 
