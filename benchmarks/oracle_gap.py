@@ -5,13 +5,15 @@ invariance method can win back. Paired problem by problem over test seeds (iga.e
 by problem family, and with the student's cue reliance (the share of hinted problems answered as the
 hint says).
 
-    python benchmarks/oracle_gap.py ORACLE_DIR STUDENT_DIR [--method erm] [--challenger DIR METHOD]
+    python benchmarks/oracle_gap.py ORACLE STUDENT [--method erm] [--challenger SOURCE METHOD]
 
 With --challenger (e.g. IGA trained on the same data as the student): the challenger against the student,
 paired, and the fraction of the student-to-oracle gap it closes (iga.eval.scores.gap_closed).
 
-Each directory is a project checkout after `dvc repro evaluate@<method>` (models/<method>/scores.jsonl,
-data/seeds/seeds.jsonl); the oracle's under shortcut_rate 0, the student's under the hints to measure.
+Each of ORACLE, STUDENT and SOURCE is either a project checkout after `dvc repro evaluate@<method>`
+(models/<method>/scores.jsonl, data/seeds/seeds.jsonl; the oracle's under shortcut_rate 0, the student's under
+the hints to measure) or one experiment pair's scores.jsonl (experiments/runs/<run>/draw0/seed<s>/, the oracle
+being the run `oracle`), read with the data/ of the checkout it runs in.
 """
 from __future__ import annotations
 
@@ -27,11 +29,17 @@ from iga.eval.scores import compare, estimate, gap_closed  # noqa: E402
 from iga.io import read_jsonl  # noqa: E402
 
 
-def evaluation(root: Path, method: str, families: set[str] | None, seeds: dict[str, str],
+def located(source: Path, method: str) -> tuple[Path, Path]:
+    """(the scores file, the checkout whose data/ it was scored on) of a checkout or a pair's scores.jsonl."""
+    return (source, Path(".")) if source.is_file() else (source / "models" / method / "scores.jsonl", source)
+
+
+def evaluation(source: Path, method: str, families: set[str] | None, seeds: dict[str, str],
                hint: str | None = None) -> dict:
     """The method's scores, restricted to the test seeds of `families` (None: all) and, with `hint`
     ("right" / "wrong"), to the problems whose planted hint names the right / the wrong answer."""
-    rows = read_jsonl(root / "models" / method / "scores.jsonl")
+    scores, root = located(source, method)
+    rows = read_jsonl(scores)
     truth = {}
     if hint:
         data = read_jsonl(root / "data/split/test.jsonl") + read_jsonl(root / "data/split/ood.jsonl")
@@ -52,12 +60,14 @@ def main() -> None:
     parser.add_argument("oracle", type=Path)
     parser.add_argument("student", type=Path)
     parser.add_argument("--method", default="erm")
-    parser.add_argument("--challenger", nargs=2, metavar=("DIR", "METHOD"))
+    parser.add_argument("--challenger", nargs=2, metavar=("SOURCE", "METHOD"))
     args = parser.parse_args()
-    seeds = {s["seed_id"]: s["family"] for s in read_jsonl(args.student / "data/seeds/seeds.jsonl")}
+    root = located(args.student, args.method)[1]
+    seeds = {s["seed_id"]: s["family"] for s in read_jsonl(root / "data/seeds/seeds.jsonl")}
     others = [args.oracle] + ([Path(args.challenger[0])] if args.challenger else [])
     for other in others:
-        if {s["seed_id"]: s["family"] for s in read_jsonl(other / "data/seeds/seeds.jsonl")} != seeds:
+        data = located(other, args.method)[1]
+        if {s["seed_id"]: s["family"] for s in read_jsonl(data / "data/seeds/seeds.jsonl")} != seeds:
             raise DataError(f"{other} and {args.student} were built from different seeds: nothing to pair")
     print(f"{args.method} ({args.student}) against the no-hint oracle ({args.oracle}); accuracy in %, 95 % "
           "intervals over test seeds; difference = student − oracle, two-sided sign-flip p over test seeds")
