@@ -202,8 +202,6 @@ RANGES, METHODS = PROJECT["experiment"]["ranges"], PROJECT["methods"]
      "experiment.ranges.sand_mask.tau.hi applied to methods.sand-mask.tau must be in (0, 1)"),
     ("experiment.ranges", RANGES | {"irm.penalty_weight": {"lo": {"lo": 1e-3, "hi": 1e-2, "scale": "log"}}},
      "experiment.ranges.irm.penalty_weight must be train or a method kind"),
-    ("experiment.ranges", {k: v for k, v in RANGES.items() if k != "train"},
-     "experiment.ranges needs a train section (lr) for hparam_draws 2: every random draw takes train.lr from it"),
     ("experiment.runs", {"iga-tau-0.1": {"method": "iga", "data": "isomers", "domains": None, "split": "seed"}},
      "experiment.runs.iga-tau-0.1 must be named with letters, digits, _ and - only (DVC reads a dot as nesting"),
     ("methods", METHODS | {"iga-tau-0.1": METHODS["iga"]}, "methods.iga-tau-0.1 must be named with letters"),
@@ -213,8 +211,16 @@ def test_bad_experiment_params_name_the_key(tmp_path, key, value, message):
         load_params(write_params(tmp_path, {key: value}))
 
 
+def test_random_draws_need_the_train_range(tmp_path):
+    without_train = {k: v for k, v in RANGES.items() if k != "train"}
+    load_params(write_params(tmp_path, {"experiment.hparam_draws": 1, "experiment.ranges": without_train}))
+    with pytest.raises(ConfigError, match=re.escape("experiment.ranges needs a train section (lr) for hparam_draws 2: "
+                                                    "every random draw takes train.lr from it")):
+        load_params(write_params(tmp_path, {"experiment.hparam_draws": 2, "experiment.ranges": without_train}))
+
+
 def test_the_pairs_file_must_list_what_params_ask_for():
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / "params.yaml", overrides={"experiment.hparam_draws": 2})  # a sweep: run@ and sweep@
     items = dvc_pairs(params)
     check(params, items, "pairs.yaml")
     assert items["run"]["iga-n2-d0-s1"] == {"run": "iga-n2", "method": "iga", "draw": 0, "seed": 1}
