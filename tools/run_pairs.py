@@ -33,10 +33,9 @@ from iga.errors import ConfigError  # noqa: E402
 from iga.experiment.sweep import Pair  # noqa: E402
 from iga.io import read_jsonl, write_json, write_jsonl  # noqa: E402
 from iga.params import PARAMS_FILE, Params, load_params  # noqa: E402
+from tasks.paths import ACCEPTED, BASE_MODEL, OOD, RUNS, SEEDS, TEST, TRAIN, pair_outputs  # noqa: E402 (no Prefect)
 
-DATA = {"train": Path("data/split/train.jsonl"), "test": Path("data/split/test.jsonl"),
-        "ood": Path("data/split/ood.jsonl")}
-ACCEPTED, SEEDS, BASE = Path("data/gate/accepted.jsonl"), Path("data/seeds/seeds.jsonl"), Path("models/base")
+DATA = {"train": TRAIN, "test": TEST, "ood": OOD}
 
 
 def overrides(pairs: list[str]) -> dict[str, Any]:
@@ -71,7 +70,7 @@ def one(params_path: str, sets: dict[str, Any], pair: Pair, device: str, threads
     method = params.methods[params.experiment.runs[pair.run].method]
     verifier = make_verifier(params, read_jsonl(SEEDS), make_teacher(params)) if method.kind == "vcd" else None
     with tempfile.TemporaryDirectory(prefix="iga-pair-") as checkpoints:
-        result = run_pair(params, pair, data, BASE, resolve_device(device), checkpoints=Path(checkpoints),
+        result = run_pair(params, pair, data, BASE_MODEL, resolve_device(device), checkpoints=Path(checkpoints),
                           key=pair.key, verifier=verifier)
     return {"stage": pair.stage, **result}
 
@@ -82,11 +81,11 @@ def sweep(args: argparse.Namespace) -> None:
     unknown = [r for r in args.runs if r not in params.experiment.runs]
     if unknown:
         raise ConfigError(f"{args.params}: no run {', '.join(map(repr, unknown))} under experiment.runs")
-    if not (BASE / "config.json").is_file():
+    if not (BASE_MODEL / "config.json").is_file():
         from iga.train.student import prepare_base
 
-        print(f"writing {BASE} from student.base {params.student.base}: {prepare_base(params.student.base, BASE)}",
-              flush=True)
+        print(f"writing {BASE_MODEL} from student.base {params.student.base}: "
+              f"{prepare_base(params.student.base, BASE_MODEL)}", flush=True)
     done = {json.loads(line)["stage"] for line in args.out.read_text().splitlines()} if args.out.is_file() else set()
     pairs = [Pair(run, args.draw, seed) for seed in args.seeds for run in args.runs]
     todo = [p for p in pairs if p.stage not in done]
@@ -112,14 +111,15 @@ def sweep(args: argparse.Namespace) -> None:
 
 
 def unpack(out: Path, folder: Path) -> None:
+    """Each pair's files under `folder` as the pair stages lay them out under experiments/runs/, metrics last."""
     for line in out.read_text().splitlines():
         result = json.loads(line)
         m = result["metrics"]
-        target = folder / m["run"] / f"draw{m['draw']}" / f"seed{m['seed']}"
-        write_jsonl(target / "scores.jsonl", result["scores"])
-        write_jsonl(target / "lcs.jsonl", result["lcs"])
-        write_json(target / "metrics.json", m)
-        print(target)
+        paths = {k: folder / p.relative_to(RUNS) for k, p in pair_outputs(m["run"], m["draw"], m["seed"]).items()}
+        write_jsonl(paths["scores"], result["scores"])
+        write_jsonl(paths["lcs"], result["lcs"])
+        write_json(paths["metrics"], m)
+        print(paths["metrics"].parent)
 
 
 def main() -> None:
