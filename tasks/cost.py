@@ -25,8 +25,9 @@ from tasks.paths import BASE_MODEL, COST, SEEDS, TRAIN
 
 
 def _cost_of(params: Params, method_name: str) -> dict[str, Any]:
-    """In a fresh process: a method's step time on the first isomer batch (iga.experiment.cost), the
-    median of experiment.cost_steps after a warm-up step, and its peak memory during one step."""
+    """In a fresh process: a method's step time (iga.experiment.cost), the median of experiment.cost_steps after a
+    warm-up step, and its peak memory during one more step, each step on the next isomer batch as in training: a
+    method's per-row work (VCD's student lines, generated for rows it has not seen) is part of every step."""
     ex, tp = params.experiment, params.train
     torch.set_num_threads(tp.threads)
     device = resolve_device(tp.device)
@@ -35,16 +36,18 @@ def _cost_of(params: Params, method_name: str) -> dict[str, Any]:
     rows = complete_groups(read_jsonl(TRAIN), params.domains.train)
     units = train_units(rows, params.experiment.runs["erm"], params.domains.train, tp.seed, str(TRAIN))
     encoded, _ = encode_groups(tokenizer, units, tp.max_length)
-    batch = collate(encoded[:tp.groups_per_batch], tokenizer.pad_token_id, seed=0).to(device)
+    g = tp.groups_per_batch
+    batches = [collate(encoded[i * g:(i + 1) * g], tokenizer.pad_token_id, seed=0).to(device)
+               for i in range(ex.cost_steps + 2)]  # a warm-up, the timed steps, the memory step
     verifier = None
     if params.methods[method_name].kind == "vcd":  # it verifies each line against the seed's program (or the teacher)
         verifier = make_verifier(params, read_jsonl(SEEDS), make_teacher(params))
     method = build_method(params.methods[method_name], model, params.domains.train, tokenizer, verifier)
-    times = [step_time(method, batch, device) for _ in range(ex.cost_steps + 1)][1:]  # the first is a warm-up
-    peak, extra = step_memory(method, batch, device)
+    times = [step_time(method, batch, device) for batch in batches[:-1]][1:]
+    peak, extra = step_memory(method, batches[-1], device)
     return {"method": method_name, "step_time_s": statistics.median(times), "step_times_s": times,
-            "peak_mb": extra, "peak_total_mb": peak, "device": device.type, "sequences": batch.input_ids.shape[0],
-            "tokens": int(batch.attention_mask.sum())}
+            "peak_mb": extra, "peak_total_mb": peak, "device": device.type, "sequences": batches[0].input_ids.shape[0],
+            "tokens": [int(batch.attention_mask.sum()) for batch in batches[1:-1]]}
 
 
 @task(cache_policy=NO_CACHE)

@@ -157,14 +157,35 @@ def test_verdicts_are_paired_and_holm_corrected():
     assert all(adjusted >= c.p for c, adjusted, _ in results.values())  # Holm never lowers a p-value
 
 
+def test_a_partial_matrix_is_shown_on_the_seeds_its_runs_share_naming_what_is_left_out():
+    from iga.report.tables import partial_note, shown
+
+    expected = [(run, d, s) for run in ("erm", "iga", "vrex", "oracle") for d in (0, 1) for s in (0, 1, 2)]
+    present = ({c for c in expected if c[2] == 0} - {("vrex", 1, 0)}) | {("erm", 0, 1), ("erm", 1, 1), ("iga", 0, 1)}
+    # erm has seeds 0 and 1, iga 0 (its seed 1 lacks draw 1: selection needs every draw), the oracle 0, vrex none
+    assert shown(expected, present, ["erm", "iga", "vrex", "oracle"], ["iga"], "T") == ([0], ["vrex"])
+    assert shown(expected, set(expected), ["erm", "iga"], ["iga"], "T") == ([0, 1, 2], [])
+    with pytest.raises(DataError, match="T: vrex has no training seed with every draw run"):
+        shown(expected, present, ["erm", "vrex"], ["vrex"], "T")
+    apart = {("erm", d, 0) for d in (0, 1)} | {("iga", d, 1) for d in (0, 1)}
+    with pytest.raises(DataError, match=re.escape("T: the runs that have run share no training seed (erm: [0]; "
+                                                  "iga: [1])")):
+        shown(expected, apart, ["erm", "iga"], ["erm"], "T")
+    note = partial_note(["sweep@vrex-d1-s0"], 24, [0], ["vrex"])
+    assert note.startswith("**Partial: 23 of 24 pairs have run.** Shown: training seed 0,")
+    assert "not run yet: vrex" in note
+    assert partial_note([], 24, [0, 1, 2], []) == ""
+
+
 def test_table3_is_relative_to_erm():
-    cost = {"methods": {"erm": {"step_time_s": 2.0, "step_times_s": [2.0], "peak_mb": 100.0, "device": "cpu",
-                                "sequences": 4, "tokens": 900},
-                        "iga": {"step_time_s": 3.0, "step_times_s": [3.0], "peak_mb": 150.0, "device": "cpu",
-                                "sequences": 4, "tokens": 900}},
+    cost = {"methods": {"erm": {"step_time_s": 2.0, "step_times_s": [2.0, 1.0, 2.5], "peak_mb": 100.0,
+                                "device": "cpu", "sequences": 4, "tokens": [900, 800, 950]},
+                        "iga": {"step_time_s": 3.0, "step_times_s": [3.0, 1.0, 5.0], "peak_mb": 150.0,
+                                "device": "cpu", "sequences": 4, "tokens": [900, 800, 950]}},
             "runs": {"erm": "erm", "cot-distill": "erm", "iga": "iga"}}
     text = table3(cost)
-    assert "| iga | 3.00 | 1.50× | 150 | 1.50× |" in text and "cot-distill train ERM" in text
+    assert "| iga | 3.00 | 1.50× | 1.00–2.00 | 150 | 1.50× |" in text and "cot-distill train ERM" in text
+    assert "median of 3 timed steps (900, 800, 950 tokens), each on a batch it has not seen" in text
 
 
 PROJECT = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -367,6 +388,21 @@ def test_run_pairs_computes_what_the_pair_stage_computed(resumed):
     assert [h["loss"] for h in ours["history"]] == [h["loss"] for h in theirs["history"]]
     rerun = sh([sys.executable, str(ROOT / "tools/run_pairs.py"), str(out), "--runs", "erm", "--device", "cpu"], b, env)
     assert "1 already in" in rerun and len(out.read_text().splitlines()) == 1  # a finished pair is not run again
+
+
+def test_tables_made_before_the_matrix_finishes_show_what_has_run_and_say_so(resumed, tmp_path):
+    """`dvc repro -s tables` half-way: each table on the training seeds its runs have finished, a run without one
+    left out and named, the banner counting the pairs to go."""
+    c = tmp_path / "c"
+    shutil.copytree(resumed.b, c, ignore=shutil.ignore_patterns("unpacked", "pairs.jsonl"))
+    shutil.rmtree(c / pair_outputs("oracle", 1, 0)["metrics"].parent)  # the oracle's draw 1 not run yet
+    sh([sys.executable, "-m", "flows.tables"], c, {**resumed.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    t1, t2 = ((c / TABLES[n]).read_text() for n in (1, 2))
+    assert t1.count("**Partial: 5 of 6 pairs have run.** Shown: training seed 0") == 2  # under both selection rules
+    assert "not run yet: oracle" in t1 and "| oracle |" not in t1 and "The gap to the no-hint oracle" not in t1
+    assert all(f"| {n} |" in t1 for n in ("erm", "iga")) and "wins" in t1
+    assert "**Partial: 5 of 6 pairs have run.**" in t2 and "not run yet" not in t2 and "| erm | method `erm` |" in t2
+    assert "Partial" in (c / "reports/experiment/summary.md").read_text()
 
 
 def test_the_matrix_sweeps_selects_writes_the_tables_and_dvc_status_names_what_a_change_reaches(resumed):

@@ -64,7 +64,7 @@ def stale_code_and_params(entries: list) -> list[str]:
         for path, change in entry.get("changed deps", {}).items():
             if path == "params.yaml":
                 found += [f"params {key}: {how}" for key, how in change.items()]
-            elif path not in OUTS:
+            elif not any(out == path or out.startswith(f"{path}/") for out in OUTS):  # a folder of outputs: data
                 found.append(f"{path}: {change}")
     return found
 

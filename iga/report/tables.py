@@ -8,10 +8,11 @@ zero (OOD above ID) is not better than no gap.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
+from iga.errors import DataError
 from iga.eval.scores import Comparison, Evaluation, compare, gap_closed
 from iga.params import RunConfig
 from iga.report.report import Summaries, detectable_or_none, figure_cell, markdown, results_table
@@ -33,6 +34,37 @@ RULE = ("Each cell: difference, its 95 % interval, and the verdict. A win or a l
         "LCS); intervals from a bootstrap over training seeds and test seeds. |Δ-Gap| and |NLL gap| rank a gap by "
         "its size: a negative gap (OOD above ID) is not better than zero. Accuracies and Δ-Gap in points, NLL in "
         "nats per token.")
+
+
+def shown(expected: Sequence[tuple[str, int, int]], present: Collection[tuple[str, int, int]], runs: Sequence[str],
+          required: Sequence[str], table: str) -> tuple[list[int], list[str]]:
+    """What a table can show of a matrix that has not finished (`expected` and `present` its (run, draw, seed)
+    cells): (the training seeds, the runs left out). A table pairs its runs training seed by training seed, and
+    a (run, seed) counts only with every one of its draws, since selection picks among them all; so the seeds
+    shown are those every run with a complete seed shares, and a run without one is left out. Refused, naming
+    them, when a `required` run (the one every other is compared with) is left out or the runs share no seed."""
+    complete = {run: {s for r, _, s in expected if r == run} - {s for r, d, s in expected
+                                                                if r == run and (r, d, s) not in present}
+                for run in runs}
+    left_out = [run for run in runs if not complete[run]]
+    if missing := [run for run in required if run in left_out]:
+        raise DataError(f"{table}: {', '.join(missing)} has no training seed with every draw run; "
+                        "it is what the table compares with: run its pairs first (`dvc status` lists them)")
+    seeds = sorted(set.intersection(*(complete[run] for run in runs if run not in left_out)))
+    if not seeds:
+        raise DataError(f"{table}: the runs that have run share no training seed ("
+                        + "; ".join(f"{run}: {sorted(complete[run])}" for run in runs if run not in left_out) + ")")
+    return seeds, left_out
+
+
+def partial_note(not_run: Sequence[str], n_pairs: int, seeds: Sequence[int], left_out: Sequence[str]) -> str:
+    """The banner of a table made before the whole matrix ran ("" when it has): what it rests on and what not."""
+    if not not_run:
+        return ""
+    return (f"**Partial: {n_pairs - len(not_run)} of {n_pairs} pairs have run.** Shown: training seed"
+            f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, the ones every run below has finished"
+            + (f"; not run yet: {', '.join(left_out)}" if left_out else "")
+            + f". The {len(not_run)} pairs to go: `dvc status` lists them, `dvc repro tables` runs them.")
 
 
 def verdicts(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Evaluation]]]
@@ -85,10 +117,10 @@ def detectable_line(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Ev
 
 
 def table1(summaries: Summaries, evaluations: dict[str, list[Evaluation]], reference: str, scale: str,
-           run_s: float, oracle: str | None = None, rule: str = "training-domain validation") -> str:
+           run_s: float, oracle: str | None = None, rule: str = "training-domain validation", partial: str = "") -> str:
     """Table 1 under a model-selection `rule` with every figure's interval, then the reference method against
     each other one; with an `oracle` run (no hints), each run's share of ERM's gap to it, the oracle apart from
-    the verdicts."""
+    the verdicts. `partial`: the banner of a matrix that has not finished (partial_note)."""
     pairs = [(name, evaluations[reference], evals) for name, evals in evaluations.items()
              if name not in (reference, oracle)]
     results = verdicts(pairs)
@@ -96,9 +128,9 @@ def table1(summaries: Summaries, evaluations: dict[str, list[Evaluation]], refer
     rows = [[name, *(_cell(results[(name, figure)], s, d) for _, figure, _, s, d in COMPARED)]
             for name, _, _ in pairs]
     return "\n\n".join([
-        f"# Table 1: IGA against the baselines, {rule}",
-        f"*{scale}. Training and evaluation of all runs of Tables 1 and 2 took {run_s / 60:.0f} min on this "
-        "machine.*", results_table(summaries),
+        f"# Table 1: IGA against the baselines, {rule}", *([partial] if partial else []),
+        f"*{scale}. Training and evaluation of the pairs of Tables 1 and 2 that have run took {run_s / 60:.0f} "
+        "min on this machine.*", results_table(summaries),
         f"## Where {reference} wins, ties or loses",
         f"Against the {len(pairs)} other methods on {len(COMPARED)} figures: **{counts['win']} wins, "
         f"{counts['tie']} ties, {counts['loss']} losses** of {sum(counts.values())} comparisons. Difference = "
@@ -145,9 +177,12 @@ def describe(run: RunConfig, reference: RunConfig) -> str:
 
 
 def table2(summaries: Summaries, evaluations: dict[str, list[Evaluation]], configs: dict[str, RunConfig],
-           reference: str, scale: str) -> str:
-    """Each ablation's figures and its paired difference from full IGA (ablation − IGA) with the verdict."""
+           reference: str, scale: str, partial: str = "") -> str:
+    """Each ablation's figures and its paired difference from full IGA (ablation − IGA) with the verdict;
+    `partial` as in table1 (with no ablation run yet, the banner alone)."""
     ablations = [name for name in evaluations if name != reference]
+    if partial and not ablations:
+        return f"# Table 2: IGA ablations\n\n{partial}\n"
     pairs = [(name, evaluations[name], evaluations[reference]) for name in ablations]
     results = verdicts(pairs)
     header = ["Ablation", "Changes", *(h for h, _, _, _, _ in COMPARED)]
@@ -158,8 +193,9 @@ def table2(summaries: Summaries, evaluations: dict[str, list[Evaluation]], confi
     deltas = [[name, *(_cell(results[(name, figure)], s, d) for _, figure, _, s, d in COMPARED)] for name in ablations]
     counts = _counts(results)
     return "\n\n".join([
-        "# Table 2: IGA ablations", f"*{scale}. Figures with their 95 % intervals; |Δ-Gap| and |NLL gap| are the "
-        "gaps' sizes.*", markdown(header, rows),
+        "# Table 2: IGA ablations", *([partial] if partial else []),
+        f"*{scale}. Figures with their 95 % intervals; |Δ-Gap| and |NLL gap| are the gaps' sizes.*",
+        markdown(header, rows),
         f"## Each ablation against full {reference}",
         f"**{counts['win']} wins, {counts['tie']} ties, {counts['loss']} losses** for the ablations, of "
         f"{sum(counts.values())} comparisons. Difference = ablation − {reference}; the verdict is the ablation's. "
@@ -174,15 +210,23 @@ def table3(cost: dict[str, Any]) -> str:
     erm = methods["erm"]
     device = erm["device"]
     memory = "peak GPU memory allocated" if device == "cuda" else "peak resident memory above the loaded model"
-    rows = [[m, f"{c['step_time_s']:.2f}", f"{c['step_time_s'] / erm['step_time_s']:.2f}×", f"{c['peak_mb']:.0f}",
-             f"{c['peak_mb'] / erm['peak_mb']:.2f}×"] for m, c in methods.items()]
+    def per_batch(c: dict[str, Any]) -> str:  # the same batches for every method: each timed step's own ratio
+        ratios = [t / e for t, e in zip(c["step_times_s"], erm["step_times_s"])]
+        return f"{min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else f"{ratios[0]:.2f}"
+
+    rows = [[m, f"{c['step_time_s']:.2f}", f"{c['step_time_s'] / erm['step_time_s']:.2f}×", per_batch(c),
+             f"{c['peak_mb']:.0f}", f"{c['peak_mb'] / erm['peak_mb']:.2f}×"] for m, c in methods.items()]
     same = sorted(r for r, m in cost["runs"].items() if m == "erm" and r != "erm")
     return "\n\n".join([
         "# Table 3: cost per step relative to ERM",
-        f"*One batch ({erm['sequences']} sequences, {erm['tokens']} tokens), the same for every method, on "
-        f"{device}; each method in its own fresh process, one warm-up step, then the median of "
-        f"{len(erm['step_times_s'])} timed steps. Memory: {memory}, in MB.*",
-        markdown(["Method", "Step time (s)", "× ERM", "Peak memory (MB)", "× ERM"], rows),
+        f"*Batches of {erm['sequences']} sequences, the same for every method, on {device}; each method in its own "
+        f"fresh process, one warm-up step, then the median of {len(erm['step_times_s'])} timed steps "
+        f"({', '.join(map(str, erm['tokens']))} tokens), each on a batch it has not seen, as in training (VCD "
+        f"generates its student's lines for each); the range is that of the method's time over ERM's on each "
+        f"timed batch, what separates a ratio from the machine's noise. Memory: {memory} during one more step, "
+        "in MB, one measurement.*",
+        markdown(["Method", "Step time (s)", "× ERM", "× ERM, batch by batch (range)", "Peak memory (MB)", "× ERM"],
+                 rows),
         f"*{', '.join(same)} train ERM on other data: per batch they cost what ERM costs.*" if same else "",
     ]).rstrip() + "\n"
 
@@ -199,9 +243,9 @@ def selection_table(selected: dict[str, Sequence[dict[str, Any]]], draws: int, r
              "held-out-domain instances: DomainBed's oracle rule, which no user has, the bound on what selection can do")
     return "\n\n".join([
         f"## Model selection: {rule}",
-        f"*{rule.capitalize()}, as DomainBed selects: {draws} draws per method (draw 0: the configured "
-        "hyperparameters; draws 1 and up: random from `experiment.ranges`), each trained with every seed; for each "
-        f"training seed the draw with the highest accuracy on the validation problems ({where} of training seeds "
+        f"*{rule.capitalize()}, as DomainBed selects: {draws} draw{'s' if draws > 1 else ''} per method (draw 0: the "
+        "configured hyperparameters; draws 1 and up: random from `experiment.ranges`), each trained with every seed; "
+        f"for each training seed the draw with the highest accuracy on the validation problems ({where} of training seeds "
         "held out of every run's training) is selected, ties going to the lower validation NLL, then to the lower "
         "draw. The figures above are those of the selected runs, one per training seed.*",
         markdown(["Run", "Seed", "Draw", "Hyperparameters", "Val. acc. (%)", "Val. NLL"], rows)]) + "\n"
