@@ -19,7 +19,7 @@ from iga.io import atomic_write_text, read_jsonl
 from iga.params import Params
 from iga.report.comparable import check_comparable
 from iga.report.report import RunResult, write_report
-from iga.report.tables import partial_note, selection_table, shown, table1, table2, table3
+from iga.report.tables import partial_note, plural, selection_table, shown, table1, table2, table3
 from tasks import tracking
 from tasks.paths import COST, EXPERIMENT_REPORT, PAIRS, TABLES, pair_outputs
 
@@ -74,15 +74,15 @@ def write_tables(params: Params, results: list[dict[str, Any]], not_run: list[st
 
     def scale(seeds: list[int]) -> str:
         return (f"{ex.steps} steps x {params.train.groups_per_batch * len(params.domains.train)} sequences per run, "
-                f"{len(seeds)} training seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}); NLL and "
+                f"{len(seeds)} {plural('training seed', len(seeds))} ({', '.join(map(str, seeds))}); NLL and "
                 f"LCS on every test seed ({summaries[2]['iga']['nll_n_seeds']}), accuracy on the first "
                 f"{ex.eval_groups} ({ex.eval_groups * len(params.domains.train)} ID / "
                 f"{ex.eval_groups * len(params.domains.ood)} OOD problems), max_new_tokens {ex.max_new_tokens}, "
                 f"student {params.student.base}, trained in {ran['train_precision']}, evaluated in {ran['eval_dtype']}")
 
     run_s = sum(r["train"]["train_s"] + r["train"]["eval_s"] for r in results)  # training + evaluation, all runs
-    draws = f"{ex.hparam_draws} draw{'s' if ex.hparam_draws > 1 else ''} per method"
-    selection = {rule: f"model selection: {rule}, {draws} (draw 0: the configured "
+    selection = {rule: f"model selection: {rule}, {ex.hparam_draws} {plural('draw', ex.hparam_draws)} per method "
+                       "(draw 0: the configured "
                        f"hyperparameters); for each training seed the draw with the best accuracy on "
                        f"{validation_of(tables[rule][first[0]][0], rule)['n']} "
                        f"{'training' if part is None else 'held-out'}-domain problems of {ex.val_seeds} training "

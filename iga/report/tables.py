@@ -36,6 +36,10 @@ RULE = ("Each cell: difference, its 95 % interval, and the verdict. A win or a l
         "nats per token.")
 
 
+def plural(noun: str, n: int) -> str:
+    return noun if n == 1 else noun + "s"
+
+
 def shown(expected: Sequence[tuple[str, int, int]], present: Collection[tuple[str, int, int]], runs: Sequence[str],
           required: Sequence[str], table: str) -> tuple[list[int], list[str]]:
     """What a table can show of a matrix that has not finished (`expected` and `present` its (run, draw, seed)
@@ -61,8 +65,8 @@ def partial_note(not_run: Sequence[str], n_pairs: int, seeds: Sequence[int], lef
     """The banner of a table made before the whole matrix ran ("" when it has): what it rests on and what not."""
     if not not_run:
         return ""
-    return (f"**Partial: {n_pairs - len(not_run)} of {n_pairs} pairs have run.** Shown: training seed"
-            f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, the ones every run below has finished"
+    return (f"**Partial: {n_pairs - len(not_run)} of {n_pairs} pairs have run.** Shown: "
+            f"{plural('training seed', len(seeds))} {', '.join(map(str, seeds))}, the ones every run below has finished"
             + (f"; not run yet: {', '.join(left_out)}" if left_out else "")
             + f". The {len(not_run)} pairs to go: `dvc status` lists them, `dvc repro tables` runs them.")
 
@@ -128,7 +132,7 @@ def table1(summaries: Summaries, evaluations: dict[str, list[Evaluation]], refer
     rows = [[name, *(_cell(results[(name, figure)], s, d) for _, figure, _, s, d in COMPARED)]
             for name, _, _ in pairs]
     return "\n\n".join([
-        f"# Table 1: IGA against the baselines, {rule}", *([partial] if partial else []),
+        f"# Table 1: IGA against the baselines, {rule}", *filter(None, [partial]),
         f"*{scale}. Training and evaluation of the pairs of Tables 1 and 2 that have run took {run_s / 60:.0f} "
         "min on this machine.*", results_table(summaries),
         f"## Where {reference} wins, ties or loses",
@@ -193,7 +197,7 @@ def table2(summaries: Summaries, evaluations: dict[str, list[Evaluation]], confi
     deltas = [[name, *(_cell(results[(name, figure)], s, d) for _, figure, _, s, d in COMPARED)] for name in ablations]
     counts = _counts(results)
     return "\n\n".join([
-        "# Table 2: IGA ablations", *([partial] if partial else []),
+        "# Table 2: IGA ablations", *filter(None, [partial]),
         f"*{scale}. Figures with their 95 % intervals; |Δ-Gap| and |NLL gap| are the gaps' sizes.*",
         markdown(header, rows),
         f"## Each ablation against full {reference}",
@@ -243,9 +247,10 @@ def selection_table(selected: dict[str, Sequence[dict[str, Any]]], draws: int, r
              "held-out-domain instances: DomainBed's oracle rule, which no user has, the bound on what selection can do")
     return "\n\n".join([
         f"## Model selection: {rule}",
-        f"*{rule.capitalize()}, as DomainBed selects: {draws} draw{'s' if draws > 1 else ''} per method (draw 0: the "
-        "configured hyperparameters; draws 1 and up: random from `experiment.ranges`), each trained with every seed; "
-        f"for each training seed the draw with the highest accuracy on the validation problems ({where} of training seeds "
-        "held out of every run's training) is selected, ties going to the lower validation NLL, then to the lower "
-        "draw. The figures above are those of the selected runs, one per training seed.*",
+        f"*{rule.capitalize()}, as DomainBed selects: {draws} {plural('draw', draws)} per method (draw 0: the "
+        "configured hyperparameters; draws 1 and up: random from `experiment.ranges`), each trained with every "
+        "seed; for each training seed the draw with the highest accuracy on the validation problems "
+        f"({where} of training seeds held out of every run's training) is selected, ties going to the lower "
+        "validation NLL, then to the lower draw. The figures above are those of the selected runs, one per "
+        "training seed.*",
         markdown(["Run", "Seed", "Draw", "Hyperparameters", "Val. acc. (%)", "Val. NLL"], rows)]) + "\n"
