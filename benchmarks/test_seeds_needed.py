@@ -19,21 +19,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from iga.eval.scores import units_of  # noqa: E402
 from iga.io import read_jsonl  # noqa: E402
 from iga.stats import detectable_difference  # noqa: E402
 from tasks.paths import pair_outputs  # noqa: E402
 
 
-def ood_by_seed(scores: Path) -> dict[str, list[bool]]:
-    """Each test seed's OOD problems, correct or not."""
-    seeds: dict[str, list[bool]] = defaultdict(list)
-    for row in read_jsonl(scores):
-        if row["set"] == "ood" and row["correct"] is not None:
-            seeds[row["seed_id"]].append(bool(row["correct"]))
+def ood_by_seed(scores: Path) -> dict[str, list[float]]:
+    """Each test seed's OOD accuracy units (iga.eval.scores.units_of: one 0/1 per problem scored)."""
+    units = units_of("ood_accuracy", {"scores": read_jsonl(scores), "lcs": []})
+    seeds: dict[str, list[float]] = defaultdict(list)
+    for seed, value in zip(units.clusters, units.values):
+        seeds[seed].append(float(value))
     return seeds
 
 
-def mde_at(ours: dict[str, list[bool]], theirs: dict[str, list[bool]], n: int) -> float:
+def mde_at(ours: dict[str, list[float]], theirs: dict[str, list[float]], n: int) -> float:
     """The detectable OOD-accuracy difference at `n` test seeds: the observed ones repeated to n, from which the
     simulation draws its n seeds (so each is one of the observed, with equal chance)."""
     common = sorted(set(ours) & set(theirs))
