@@ -109,9 +109,12 @@ class SplitParams:
     seed: int
 
 
+Strategy = Literal["first", "rsr", "nll", "random"]  # which candidate CoT of each training instance is kept
+
+
 @dataclass(frozen=True)
 class SelectParams:
-    strategy: Literal["first", "rsr", "nll", "random"]  # which candidate CoT each training instance keeps
+    strategy: Strategy  # which candidate CoT each training instance keeps
     seed: int  # strategy random
     batch_size: int  # sequences per scoring forward pass
     rank_clip: int  # RSR: a token's rank is clipped here (the paper: 100)
@@ -233,6 +236,8 @@ class RunConfig:
     data: Literal["isomers", "random_pairing", "shuffled", "seed_only", "no_hints"]
     domains: tuple[str, ...] | None  # a subset of domains.train (None: all of them)
     split: Literal["seed", "instance"]
+    select: Strategy  # which candidate CoT of each training instance it learns from
+    # (select.strategy's choices; first: the instance's own, the split's rows)
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,7 @@ class HparamRange:
 @dataclass(frozen=True)
 class ExperimentParams:
     seeds: tuple[int, ...]  # train.seed of each repeat (LoRA init, batch order); the data split stays fixed
+    table2_seeds: tuple[int, ...]  # the seeds of `seeds` Table 2's ablations run with
     steps: int  # optimizer steps per run
     eval_groups: int  # held-out test seeds whose ID and OOD problems each run generates (NLL, LCS: every test seed)
     max_new_tokens: Budget  # greedy decoding budget per completion
@@ -545,6 +551,9 @@ def _validate_experiment(p: Params) -> None:
     _check(res.num_cpus >= 1, "experiment.ray.resources.num_cpus", "must be >= 1", res.num_cpus)
     _check(res.num_gpus >= 0, "experiment.ray.resources.num_gpus", "must be >= 0", res.num_gpus)
     _check(len(set(ex.seeds)) == len(ex.seeds), "experiment.seeds", "must not repeat a seed", ex.seeds)
+    _check(len(set(ex.table2_seeds)) == len(ex.table2_seeds) and set(ex.table2_seeds) <= set(ex.seeds),
+           "experiment.table2_seeds",
+           f"must be some of experiment.seeds {list(ex.seeds)}, each once", ex.table2_seeds)
     rows = p.train.groups_per_batch * len(p.domains.train)  # sequences per micro-batch, the same for every run
     for name, run in ex.runs.items():
         key = f"experiment.runs.{name}"
@@ -555,6 +564,10 @@ def _validate_experiment(p: Params) -> None:
         _check(not unknown, f"{key}.domains", f"must be a subset of domains.train {list(p.domains.train)}", unknown)
         _check(run.data != "seed_only" or len(domains) == 1, f"{key}.domains", "must name one domain for data "
                "seed_only", domains)
+        _check(run.select == "first" or run.split == p.split.unit, f"{key}.select", f"needs split {p.split.unit} "
+               "(the split stage's unit: selection chooses among its training rows' candidates)", run.select)
+        _check(run.select == "first" or p.teacher.samples > 1, f"{key}.select", "needs teacher.samples > 1 (with one "
+               "candidate per instance every strategy keeps it)", run.select)
         per_unit = len(domains) if run.data in ("isomers", "random_pairing", "no_hints") else 1
         _check(rows % per_unit == 0, f"{key}.domains", f"must divide the {rows} sequences of a micro-batch "
                "(train.groups_per_batch x len(domains.train))", domains)

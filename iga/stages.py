@@ -62,6 +62,11 @@ STAGES: dict[str, Stage] = {
     "select": Stage(("flows.select",), ("select", "teacher", "gate.min_alignment", "gate.max_step_diff",
                                         "student.dtype", "train.device"), files=("iga/data/teacher/prompts",)),
     "student": Stage(("flows.student",), ("student.base",)),
+    # The experiment's training data per selection strategy its runs name (`experiment.runs.<run>.select`), whatever
+    # the demo's select.strategy says.
+    "selected": Stage(("flows.select",), ("select", "teacher", "gate.min_alignment", "gate.max_step_diff",
+                                          "student.dtype", "train.device"), exclude=("select.strategy",),
+                      files=("iga/data/teacher/prompts",)),
     "train": Stage(("flows.train",), (f"methods.{ITEM}", "domains.train", "student.dtype", "lora", "train"),
                    exclude=_TRAIN_EXCLUDE, files=("iga/data/teacher/prompts",)),  # VCD's openai step verifier
     "evaluate": Stage(("flows.evaluate",), ("eval", "domains", "student.dtype", "train.device"),

@@ -25,15 +25,16 @@ from iga.params import Params
 from iga.stages import fingerprint
 from iga.train.loop import resume_point
 from tasks import tracking
-from tasks.paths import ACCEPTED, BASE_MODEL, OOD, SEEDS, TEST, TRAIN, pair_checkpoints, pair_outputs
+from tasks.paths import ACCEPTED, BASE_MODEL, OOD, SEEDS, TEST, TRAIN, pair_checkpoints, pair_outputs, selected_outputs
 
 
-def _data() -> tuple[PairData, dict[str, str]]:
-    """The rows every pair reads and the md5 of each file, as dvc.lock records them."""
+def _data(select: str) -> tuple[PairData, dict[str, str]]:
+    """The rows a pair whose run selects by `select` reads and the md5 of each file, as dvc.lock records them."""
     files = {"train": TRAIN, "test": TEST, "ood": OOD}
+    training = selected_outputs(select)["train"]
     data = PairData({side: read_jsonl(path) for side, path in files.items()}, read_jsonl(ACCEPTED), str(TRAIN),
-                    str(ACCEPTED))
-    return data, {str(p): tracking.data_hash(p) for p in (*files.values(), ACCEPTED)}
+                    str(ACCEPTED), read_jsonl(training), str(training))
+    return data, {str(p): tracking.data_hash(p) for p in (*files.values(), ACCEPTED, training)}
 
 
 def _verifier(params: Params, method: str) -> Any:
@@ -55,7 +56,7 @@ def run_pair(params: Params, pair: Pair, parent_run_id: str, threads: int) -> di
     run = params.experiment.runs[name]
     torch.set_num_threads(threads)
     device = resolve_device(params.train.device)
-    data, md5s = _data()
+    data, md5s = _data(run.select)
     tp = pair_train_params(drawn(params, name, draw), seed)
     precision = resolve_precision(tp.precision, device)
     item = {"run": name, "method": run.method, "ranges": ranges_read(params, name)}  # its DVC stage's item

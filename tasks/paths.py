@@ -74,6 +74,16 @@ TABLES = {n: REPORTS / f"table{n}.md" for n in (1, 2, 3)}
 EXPERIMENT_REPORT = REPORTS / "experiment"  # Table 1's runs as summary.md and figures
 
 
+def selected_outputs(strategy: str | None = None) -> dict[str, Path]:
+    """What a select run writes: the demo's `select` stage (None: select.strategy, the data `train` reads), or
+    `selected@<strategy>` (the experiment's runs with that `select`, whatever select.strategy says)."""
+    if strategy is None:
+        return {"train": SELECTED, "candidates": CANDIDATES, "ledger": SELECT_LEDGER, "metrics": SELECT_METRICS}
+    folder = SELECTED.parent / strategy
+    return {"train": folder / "train.jsonl", "candidates": folder / "candidates.jsonl",
+            "ledger": folder / "ledger.jsonl", "metrics": SELECT_METRICS.with_name(f"select-{strategy}.json")}
+
+
 def pair_outputs(run: str, draw: int, seed: int) -> dict[str, Path]:
     """A finished (run, hyperparameter draw, seed), as its DVC stage declares it (small, committed to git):
     `metrics` (summary, validation, hyperparameters, training, what ran), `scores` (every held-out problem),

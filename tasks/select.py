@@ -3,6 +3,7 @@ under the base student (iga.train.select), one kept per instance, out."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -14,7 +15,7 @@ from iga.errors import DataError
 from iga.io import read_jsonl, write_json, write_jsonl
 from iga.params import Params
 from iga.train.select import SCORES, choose, dataset_scores
-from tasks.paths import BASE_MODEL, CANDIDATES, GATE_DAGS, SEEDS, SELECT_LEDGER, SELECT_METRICS, SELECTED, TRAIN
+from tasks.paths import BASE_MODEL, GATE_DAGS, SEEDS, TRAIN
 
 Row = dict[str, Any]
 _FROM_CANDIDATE = ("cot_solution", "answer", "flaw", "alignment_score", "step_count")
@@ -55,11 +56,11 @@ def _ineligible(candidate: Row, min_alignment: float) -> str | None:
 
 
 @task(cache_policy=NO_CACHE)
-def choose_and_write(params: Params, jobs: list[tuple[Row, Row]], candidates: list[list[Row]] | None = None
-                     ) -> dict[str, Any]:
+def choose_and_write(params: Params, jobs: list[tuple[Row, Row]], out: dict[str, Path],
+                     candidates: list[list[Row]] | None = None) -> dict[str, Any]:
     """candidates: each instance's candidate CoTs, its own first; None: its own only (select.strategy first).
     Every eligible candidate is scored under the base student, except with strategy first, which keeps the
-    own CoT whatever the scores (so the student is not even loaded)."""
+    own CoT whatever the scores (so the student is not even loaded). `out`: where (tasks.paths.selected_outputs)."""
     log = get_run_logger()
     candidates = candidates or _own_candidates(jobs)
     rows = [row for _, row in jobs]
@@ -93,14 +94,14 @@ def choose_and_write(params: Params, jobs: list[tuple[Row, Row]], candidates: li
 
     selected = [{**row, **{k: cands[j][k] for k in _FROM_CANDIDATE}, "sample": cands[j]["sample"],
                  **{k: cands[j][k] for k in SCORES if scoring}} for row, cands, j in zip(rows, eligible, chosen)]
-    write_jsonl(SELECTED, selected)
-    write_jsonl(CANDIDATES, [
+    write_jsonl(out["train"], selected)
+    write_jsonl(out["candidates"], [
         {"group_id": row["group_id"], "seed_id": row["seed_id"], "domain": row["domain"], **c,
          "eligible": any(c is e for e in kept), "chosen": c is kept[j],
          **{k: c.get(k) for k in (*SCORES, "tokens")}}
         for row, cands, kept, j in zip(rows, candidates, eligible, chosen) for c in cands])
     if params.select.strategy == "first":
-        write_jsonl(SELECT_LEDGER, [])  # no teacher call: candidates are the instances' own CoTs
+        write_jsonl(out["ledger"], [])  # no teacher call: candidates are the instances' own CoTs
     metrics = {
         "strategy": params.select.strategy, "samples": len(candidates[0]), "instances": len(rows),
         "groups": len(by_group), "candidates_sampled": sum(len(c) - 1 for c in candidates),
@@ -115,10 +116,10 @@ def choose_and_write(params: Params, jobs: list[tuple[Row, Row]], candidates: li
         log.info("select (%s): %d instances, %d candidates scored in %.0f s; kept the own CoT of %d; dataset RSR "
                  "%.3f (own CoTs %.3f) -> %s", params.select.strategy, len(rows), len(flat), metrics["scoring_s"],
                  metrics["kept_own"], metrics["selected"]["rsr"]["estimate"], metrics["own"]["rsr"]["estimate"],
-                 SELECTED)
+                 out["train"])
     else:
-        log.info("select (first): the %d training instances keep their own CoTs -> %s", len(rows), SELECTED)
-    write_json(SELECT_METRICS, metrics)
+        log.info("select (first): the %d training instances keep their own CoTs -> %s", len(rows), out["train"])
+    write_json(out["metrics"], metrics)
     return metrics
 
 

@@ -30,18 +30,23 @@ from iga.io import read_jsonl, write_jsonl
 from iga.params import RunConfig, load_params
 from iga.report.comparable import check_comparable
 from iga.report.tables import COMPARED, table3
-from tasks.paths import ACCEPTED, BASE_MODEL, OOD, PAIRS, SEEDS, TABLES, TEST, TRAIN, pair_outputs
+from tasks.paths import (ACCEPTED, BASE_MODEL, GATE_DAGS, GATE_LEDGER, ISOMERS_LEDGER, OOD, PAIRS, SEEDS, TABLES, TEST,
+                         TRAIN, pair_outputs)
 
 DOMAINS = ("mathematics", "medical", "legal", "science")
 
 
-def rows_for(n_seeds: int, domains: tuple[str, ...]) -> list[dict]:
+def rows_for(n_seeds: int, domains: tuple[str, ...], dags: list[dict] | None = None) -> list[dict]:
+    """Clean isomer rows of `n_seeds` seeds in `domains`; each seed's extraction appended to `dags` (the gate's)."""
     from iga.data.seeds import procedural_seeds
     from iga.data.teacher import make_teacher
 
     params = load_params(ROOT / "params.yaml", overrides={"seeds.n": n_seeds, "teacher.flaw_rate": 0.0})
     teacher = make_teacher(params)
-    return [teacher.isomer(s, teacher.extraction(s), d, 1) for s in procedural_seeds(params.seeds) for d in domains]
+    extractions = [teacher.extraction(s) for s in procedural_seeds(params.seeds)]
+    if dags is not None:
+        dags += extractions
+    return [teacher.isomer(s, e, d, 1) for s, e in zip(procedural_seeds(params.seeds), extractions) for d in domains]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def rows():
 
 
 def run(data, domains=None, split="seed", method="iga"):
-    return RunConfig(method, data, domains, split)
+    return RunConfig(method, data, domains, split, "first")
 
 
 def test_isomers_are_whole_groups_in_domain_order(rows):
@@ -223,7 +228,11 @@ RANGES, METHODS = PROJECT["experiment"]["ranges"], PROJECT["methods"]
      "experiment.ranges.sand_mask.tau.hi applied to methods.sand-mask.tau must be in (0, 1)"),
     ("experiment.ranges", RANGES | {"irm.penalty_weight": {"lo": {"lo": 1e-3, "hi": 1e-2, "scale": "log"}}},
      "experiment.ranges.irm.penalty_weight must be train or a method kind"),
-    ("experiment.runs", {"iga-tau-0.1": {"method": "iga", "data": "isomers", "domains": None, "split": "seed"}},
+    ("experiment.runs.iga-instance-split.select", "rsr", "experiment.runs.iga-instance-split.select needs split seed"),
+    ("experiment.table2_seeds", [0, 3], "experiment.table2_seeds must be some of experiment.seeds [0, 1, 2], each"),
+    ("experiment.table2_seeds", [], "experiment.table2_seeds must be a non-empty list"),
+    ("experiment.runs", {"iga-tau-0.1": {"method": "iga", "data": "isomers", "domains": None, "split": "seed",
+                                         "select": "first"}},
      "experiment.runs.iga-tau-0.1 must be named with letters, digits, _ and - only (DVC reads a dot as nesting"),
     ("methods", METHODS | {"iga-tau-0.1": METHODS["iga"]}, "methods.iga-tau-0.1 must be named with letters"),
 ])
@@ -244,12 +253,15 @@ def test_the_pairs_file_must_list_what_params_ask_for():
     params = load_params(ROOT / "params.yaml", overrides={"experiment.hparam_draws": 2})  # a sweep: run@ and sweep@
     items = dvc_pairs(params)
     check(params, items, "pairs.yaml")
-    assert items["run"]["iga-n2-d0-s1"] == {"run": "iga-n2", "method": "iga", "draw": 0, "seed": 1}
+    assert items["run"]["iga-n2-d0-s0"] == {"run": "iga-n2", "method": "iga", "draw": 0, "seed": 0, "select": "first"}
     assert items["sweep"]["sand-mask-d1-s2"] == {"run": "sand-mask", "method": "sand-mask", "draw": 1, "seed": 2,
-                                                 "ranges": "sand_mask"}  # DVC param experiment.ranges.sand_mask
+                                                 "select": "first", "ranges": "sand_mask"}  # its ranges' section
+    assert items["run"]["erm-rsr-d0-s1"]["select"] == "rsr"  # it trains on data/select/rsr/train.jsonl
+    assert items["selected"] == {"first": {"strategy": "first"}, "rsr": {"strategy": "rsr"}}  # dvc.yaml's selected@
     assert items["sweep"]["pcgrad-d1-s0"]["ranges"] == "train"  # a kind with no section: experiment.ranges.train
     assert yaml.safe_load(render(items))["pairs"] == items
-    edited = {"run": {k: v for k, v in items["run"].items() if k != "erm-d0-s1"} | {"old-d0-s0": {"run": "old"}},
+    edited = {"selected": items["selected"],
+              "run": {k: v for k, v in items["run"].items() if k != "erm-d0-s1"} | {"old-d0-s0": {"run": "old"}},
              "sweep": items["sweep"] | {"irm-d1-s0": items["sweep"]["irm-d1-s0"] | {"method": "vrex"}}}
     with pytest.raises(ConfigError, match=re.escape(
             "pairs.yaml disagrees with params.yaml's experiment matrix (missing: run@erm-d0-s1; no longer asked for: "
@@ -274,7 +286,8 @@ SETTINGS = {"experiment.seeds": [0], "experiment.steps": 2, "experiment.eval_gro
             "experiment.max_new_tokens": 8, "experiment.cost_steps": 1, "experiment.hparam_draws": 2,
             "experiment.table1": ["erm", "iga"], "experiment.table2": ["erm"]}  # Table 2: erm as an "ablation"
 MATRIX = [Pair(run, draw, 0) for draw in (0, 1) for run in ("erm", "iga", "oracle")]  # every pair a process
-INPUTS = (SEEDS, ACCEPTED, TRAIN, TEST, OOD, BASE_MODEL)  # what the data and student stages write
+INPUTS = (SEEDS, ACCEPTED, TRAIN, TEST, OOD, GATE_DAGS, GATE_LEDGER, ISOMERS_LEDGER, BASE_MODEL)  # what the data
+# and student stages write
 def stale(repo: Path, env: dict) -> set[str]:
     return set(json.loads(sh(DVC + ["status", "--json"], repo, env) or "{}"))
 
@@ -294,14 +307,16 @@ def experiment_repo(repo: Path, settings: dict, tiny_base: Path, env: dict) -> N
     copy_project(repo)
     write_params(repo, settings)
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
-    stages = {name: dvc_yaml["stages"][name] for name in ("run", "sweep", "cost", "tables")}
+    stages = {name: dvc_yaml["stages"][name] for name in ("selected", "run", "sweep", "cost", "tables")}
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"vars": dvc_yaml["vars"], "stages": stages}, sort_keys=False))
     params = load_params(repo / "params.yaml")
     (repo / PAIRS).write_text(render(dvc_pairs(params)))
-    rows = rows_for(30, DOMAINS + ("finance", "engineering"))  # 5 test seeds
+    dags: list[dict] = []
+    rows = rows_for(30, DOMAINS + ("finance", "engineering"), dags)  # 5 test seeds
     parts, _ = split(rows, params.split, params.domains)
     for path, content in ((SEEDS, make_seeds(params.seeds)), (ACCEPTED, rows), (TRAIN, parts["train"]),
-                          (TEST, parts["test"]), (OOD, parts["ood"])):
+                          (TEST, parts["test"]), (OOD, parts["ood"]), (GATE_DAGS, dags), (GATE_LEDGER, []),
+                          (ISOMERS_LEDGER, [])):
         write_jsonl(repo / path, content)
     shutil.copytree(tiny_base, repo / BASE_MODEL)
     for args in (["git", "init", "-q"], ["git", "config", "user.name", "test"],
@@ -346,9 +361,11 @@ def resumed(tmp_path_factory, prefect_api_url, tiny_base):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     locked = list(yaml.safe_load((a / "dvc.lock").read_text())["stages"])
-    finished = [p for p in ("experiments/runs", "experiments/cost.json") if (a / p).exists()]  # cost may run first
+    finished = [p for p in ("experiments/runs", "experiments/cost.json", "metrics", "data/select")  # cost may run first
+                if (a / p).exists()]
     sh(["git", "add", "dvc.lock", ".dvc/config", *finished], a, env)
     sh(["git", "commit", "-qm", f"{first} done"], a, env)
+    sh(DVC + ["push", "-q"], a, env)  # the cached outputs of what ran before it (selected@first)
     committed = {p: p.read_bytes() for p in (a / "experiments/runs").rglob("*")
                  if p.is_file()}
     sh(["git", "clone", "-q", str(a), str(b)], tmp, env)

@@ -18,6 +18,7 @@ from iga.rsr import token_rank_nll
 from iga.train.select import choose, dataset_scores, score_trajectories
 from iga.train.sft import IGNORE, encode
 from iga.train.student import load_base
+from tasks.paths import selected_outputs
 
 
 def test_scores_do_not_depend_on_batching_and_match_a_direct_computation(tiny_base):
@@ -86,10 +87,15 @@ def test_select_first_hands_training_the_split_rows_and_rsr_the_lowest(split_pro
     assert read_jsonl("data/select/ledger.jsonl") == []
     shutil.move(base, "models/base")
 
-    write_params(split_project, overrides | {"select.strategy": "rsr"})
-    metrics = select_flow("params.yaml")
-    selected = read_jsonl("data/select/train.jsonl")
-    candidates = read_jsonl("data/select/candidates.jsonl")
+    # rsr as the experiment's selected@rsr runs it (`python -m flows.select rsr`): beside the demo's, which stays
+    write_params(split_project, overrides)
+    demo = {path: Path(path).read_bytes() for path in Path("data/select").glob("*.jsonl")}
+    metrics = select_flow("params.yaml", strategy="rsr")
+    out = selected_outputs("rsr")
+    assert {path: Path(path).read_bytes() for path in Path("data/select").glob("*.jsonl")} == demo
+    assert json.loads(out["metrics"].read_text()) == metrics and metrics["strategy"] == "rsr"
+    selected = read_jsonl(out["train"])
+    candidates = read_jsonl(out["candidates"])
     assert len(candidates) == 3 * len(train) and metrics["candidates_sampled"] == 2 * len(train)
     assert all(r[k] is not None for r in selected for k in ("rsr", "avg_rank", "avg_nll"))
     for row in selected:

@@ -72,15 +72,17 @@ def test_log_scale_is_log_uniform():
                         float(f"{random.Random(0).uniform(0.5, 1.0):.4g}"))
 
 
-def test_the_matrix_sweeps_table1_and_the_oracle_and_runs_table2_at_the_defaults():
-    pairs = matrix(P)
-    ex = P.experiment
+@pytest.mark.parametrize("draws", [1, 2])
+def test_the_matrix_sweeps_table1_and_the_oracle_and_runs_table2_at_the_defaults_on_its_seeds(draws):
+    params = load_params(ROOT / "params.yaml", overrides={"experiment.hparam_draws": draws,
+                                                          "experiment.table2_seeds": [2, 0]})
+    pairs = matrix(params)
+    ex = params.experiment
     assert ex.oracle == "oracle" and ex.oracle not in ex.table1 + ex.table2
-    assert len(pairs) == len(ex.seeds) * ((len(ex.table1) + 1) * ex.hparam_draws
-                                          + len(set(ex.table2) - set(ex.table1)))
-    every = {(d, s) for d in range(ex.hparam_draws) for s in ex.seeds}
+    assert len(pairs) == len(ex.seeds) * (len(ex.table1) + 1) * draws + 2 * len(set(ex.table2) - set(ex.table1))
+    every = {(d, s) for d in range(draws) for s in ex.seeds}
     assert {(d, s) for r, d, s in pairs if r == "irm"} == every == {(d, s) for r, d, s in pairs if r == "oracle"}
-    assert {d for r, d, _ in pairs if r in ex.table2} == {0}
+    assert {(d, s) for r, d, s in pairs if r in ex.table2} == {(0, 0), (0, 2)}  # the defaults, on table2_seeds
     assert len(set(pairs)) == len(pairs)
 
 

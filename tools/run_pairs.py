@@ -9,7 +9,8 @@ ones. Each pair is iga.experiment.pair.run_pair, the computation of its DVC stag
 Pairs start seed by seed (every run of the first seed, then the next), as many at once as --jobs; none starts after
 --deadline-s. Each finished pair is appended to OUT.jsonl as one line ({stage, metrics, scores, lcs}) the moment it
 finishes, so a killed sweep keeps what it finished and a rerun skips it. Reads data/ (the split, the gate's accepted
-rows, the seeds) and models/base, which it writes first from the embedded GGUF when it is missing.
+rows, the seeds, the runs' training data: `dvc repro selected` makes it) and models/base, which it writes first
+from the embedded GGUF when it is missing.
 
 --jobs > 1 is for CPU cores, not for one GPU: 8 pairs at once on one H200 (16 cores, 2 threads each) finished none
 in 7 min, the GPU 7 % busy, where one step alone takes 0.15-0.40 s (docs/measured.md, "On a GPU").
@@ -33,7 +34,8 @@ from iga.errors import ConfigError  # noqa: E402
 from iga.experiment.sweep import Pair  # noqa: E402
 from iga.io import read_jsonl, write_json, write_jsonl  # noqa: E402
 from iga.params import PARAMS_FILE, Params, load_params  # noqa: E402
-from tasks.paths import ACCEPTED, BASE_MODEL, OOD, RUNS, SEEDS, TEST, TRAIN, pair_outputs  # noqa: E402 (no Prefect)
+from tasks.paths import (ACCEPTED, BASE_MODEL, OOD, RUNS, SEEDS, TEST, TRAIN, pair_outputs,  # noqa: E402 (no Prefect)
+                         selected_outputs)
 
 DATA = {"train": TRAIN, "test": TEST, "ood": OOD}
 
@@ -65,9 +67,11 @@ def one(params_path: str, sets: dict[str, Any], pair: Pair, device: str, threads
 
     torch.set_num_threads(threads)
     params = load_params(params_path, sets)
+    run = params.experiment.runs[pair.run]
+    training = selected_outputs(run.select)["train"]
     data = PairData({side: read_jsonl(path) for side, path in DATA.items()}, read_jsonl(ACCEPTED), str(DATA["train"]),
-                    str(ACCEPTED))
-    method = params.methods[params.experiment.runs[pair.run].method]
+                    str(ACCEPTED), read_jsonl(training), str(training))
+    method = params.methods[run.method]
     verifier = make_verifier(params, read_jsonl(SEEDS), make_teacher(params)) if method.kind == "vcd" else None
     with tempfile.TemporaryDirectory(prefix="iga-pair-") as checkpoints:
         result = run_pair(params, pair, data, BASE_MODEL, resolve_device(device), checkpoints=Path(checkpoints),

@@ -32,12 +32,20 @@ Rows = dict[str, list[Row]]  # a split's train/test/ood rows
 
 @dataclasses.dataclass(frozen=True)
 class PairData:
-    """What every pair reads: the split stage's rows, the gate's accepted rows (the held-out domains' validation
-    problems, and another split unit's rows), and the paths that errors name."""
+    """What a pair reads: the split stage's rows, the gate's accepted rows (the held-out domains' validation
+    problems, and another split unit's rows), the rows it trains on, and the paths that errors name."""
     split: Rows          # train/test/ood, split by params.split.unit
     accepted: list[Row]
     split_file: str      # the split's training rows (errors, the batch order's source)
     accepted_file: str
+    training: list[Row]  # the split's training rows, each with the CoT the run's `select` kept (its selected@ stage)
+    training_file: str
+
+    def __post_init__(self) -> None:
+        key = lambda r: (r["group_id"], r["domain"])  # noqa: E731
+        if sorted(map(key, self.training)) != sorted(map(key, self.split["train"])):
+            raise DataError(f"{self.training_file}: not a selection among {self.split_file}'s training instances "
+                            "(made from another split: `dvc repro` the selected stage)")
 
 
 def pair_train_params(params: Params, seed: int) -> TrainParams:
@@ -70,6 +78,9 @@ def run_pair(params: Params, pair: Pair, data: PairData, base: Path, device: tor
     tp = pair_train_params(params, seed)
     seed_level, _ = unit_split(params, data, "seed")  # LCS and validation: the seed-level split whatever the run's
     parts, source = unit_split(params, data, run.split)
+    # the split stage's training rows with the CoTs the run's selection kept (params: a selection needs that split)
+    training, training_file = ((data.training, data.training_file) if run.split == params.split.unit else
+                               (parts["train"], source))
     seed_level, parts = ({side: as_seen(rows, run) for side, rows in sides.items()} for sides in (seed_level, parts))
     precision, eval_dtype = resolve_precision(tp.precision, device), resolve_precision(params.eval.dtype, device)
 
@@ -77,13 +88,14 @@ def run_pair(params: Params, pair: Pair, data: PairData, base: Path, device: tor
                             data.split_file)
     _, val_rows = hold_out(seed_level["train"], held, params.domains.train)
     val_ood = as_seen(hold_out(data.accepted, held, params.domains.ood)[1], run)  # test-domain validation
-    train_rows, _ = hold_out(parts["train"], held, params.domains.train)  # no run trains on a validation seed
-    units = train_units(complete_groups(train_rows, params.domains.train), run, params.domains.train, seed, source)
+    train_rows, _ = hold_out(as_seen(training, run), held, params.domains.train)  # none trains on a validation seed
+    units = train_units(complete_groups(train_rows, params.domains.train), run, params.domains.train, seed,
+                        training_file)
     model, tokenizer = load_student(base, params.lora, params.student.dtype, seed=seed)
     model.to(device)
     encoded, too_long = encode_groups(tokenizer, units, tp.max_length)
     if not encoded:
-        raise DataError(f"{source}: run {name} has no training unit within train.max_length = {tp.max_length}")
+        raise DataError(f"{training_file}: run {name} has no training unit within train.max_length = {tp.max_length}")
     per_batch = tp.groups_per_batch * len(params.domains.train) // len(encoded[0])  # same sequences for every run
     micro_batches = batcher(encoded, tp, per_batch, tokenizer.pad_token_id)
     method = build_method(params.methods[run.method], model, run_domains(run, params.domains.train), tokenizer,

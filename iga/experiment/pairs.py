@@ -1,11 +1,13 @@
 """The experiment's DVC matrix: the items of dvc.yaml's `run` and `sweep` foreach stages (experiments/pairs.yaml),
-generated from params.yaml's experiment section here and nowhere else, and the check that they still agree.
+and of `selected`, the training data each selection strategy the runs name chooses; generated from params.yaml's
+experiment section here and nowhere else, and the check that they still agree.
 
 DVC cannot look a run's method up in params (no nested interpolation), so each item names what its stage
 depends on: the run (`experiment.runs.<run>`), its method (`methods.<method>`) and, for a random draw, the
 section of `experiment.ranges` its method's kind draws from besides `train` (`ranges`: the kind, or `train`
 again for a kind with no section of its own: DVC needs a key that exists, and reads a repeated one once).
-A change to one of them reruns exactly the pairs that read it.
+A change to one of them reruns exactly the pairs that read it. `select` names the run's training data
+(data/select/<select>/train.jsonl, written by `selected@<select>`).
 """
 from __future__ import annotations
 
@@ -18,27 +20,31 @@ from iga.experiment.sweep import matrix, ranges_read
 from iga.params import Params
 
 REGENERATE = "python -m flows.experiment pairs"
-HEADER = (f"# Generated from params.yaml (experiment.table1, table2, oracle, hparam_draws, seeds, runs) by `{REGENERATE}`\n"
-          "# (iga/experiment/pairs.py): dvc.yaml's `run` (draw 0) and `sweep` (draws 1..) stages, one per item.\n")
-Items = dict[str, dict[str, dict[str, Any]]]  # group (run | sweep) -> pair key -> item
+HEADER = ("# Generated from params.yaml (experiment.table1, table2, oracle, hparam_draws, seeds, table2_seeds,\n"
+          f"# runs) by `{REGENERATE}` (iga/experiment/pairs.py): dvc.yaml's `selected` (the runs'\n"
+          "# training data), `run` (draw 0) and `sweep` (draws 1..) stages, one per item.\n")
+GROUPS = ("selected", "run", "sweep")
+Items = dict[str, dict[str, dict[str, Any]]]  # group (selected | run | sweep) -> stage key -> item
 
 
 def dvc_pairs(params: Params) -> Items:
-    """Every pair of the matrix as a foreach item, in the matrix's order (draw by draw)."""
-    out: Items = {"run": {}, "sweep": {}}
+    """Every pair of the matrix as a foreach item, in the matrix's order (draw by draw), and the selection
+    strategies they train on, in the order of first use."""
+    out: Items = {group: {} for group in GROUPS}
     for pair in matrix(params):
-        method = params.experiment.runs[pair.run].method
-        item = {"run": pair.run, "method": method, "draw": pair.draw, "seed": pair.seed}
+        run = params.experiment.runs[pair.run]
+        item = {"run": pair.run, "method": run.method, "draw": pair.draw, "seed": pair.seed, "select": run.select}
         if pair.draw:
             item["ranges"] = ranges_read(params, pair.run)
         out[pair.group][pair.key] = item
+        out["selected"].setdefault(run.select, {"strategy": run.select})
     return out
 
 
 def render(items: Items) -> str:
     """The vars file: `pairs: {run: ..., sweep: ...}`, one item per line."""
     lines = [HEADER.rstrip("\n"), "pairs:"]
-    for group in ("run", "sweep"):
+    for group in GROUPS:
         lines.append(f"  {group}:" + ("" if items[group] else " {}"))
         lines += [f"    {key}: {yaml.safe_dump(item, default_flow_style=True, sort_keys=False).strip()}"
                   for key, item in items[group].items()]

@@ -119,13 +119,20 @@ def draws(params: Params, run: str) -> range:
     return range(ex.hparam_draws if run in ex.table1 or run == ex.oracle else 1)
 
 
+def seeds_of(params: Params, run: str) -> tuple[int, ...]:
+    """The training seeds a run takes: every one of `experiment.seeds` for Table 1's runs and the oracle,
+    `experiment.table2_seeds` for an ablation alone (compared with IGA on those seeds)."""
+    ex = params.experiment
+    return ex.seeds if run in ex.table1 or run == ex.oracle else ex.table2_seeds
+
+
 def matrix(params: Params) -> list[Pair]:
     """Every (run, draw, seed) of Tables 1 and 2 and the oracle, draw by draw: a matrix stopped early has its
     defaults first."""
     ex = params.experiment
     runs = list(dict.fromkeys(ex.table1 + ((ex.oracle,) if ex.oracle else ()) + ex.table2))
     return [Pair(run, d, seed) for d in range(ex.hparam_draws) for run in runs if d in draws(params, run)
-            for seed in ex.seeds]
+            for seed in ex.seeds if seed in seeds_of(params, run)]
 
 
 def validation_seeds(train: Iterable[Row], n: int, train_domains: tuple[str, ...], seed: int, source: str
