@@ -123,6 +123,16 @@ def test_the_gap_section_measures_each_run_against_erm_and_the_oracle():
     assert "No gap" in gap_section(same, "oracle")
 
 
+def test_a_run_trains_only_on_a_selection_among_the_splits_training_instances(rows):
+    from iga.experiment.pair import PairData
+
+    split_rows = {"train": rows[:8], "test": rows[8:], "ood": []}
+    chosen = [{**r, "cot_solution": "another CoT", "sample": 2} for r in rows[:8]]
+    PairData(split_rows, rows, "split.jsonl", "accepted.jsonl", list(reversed(chosen)), "select/rsr.jsonl")
+    with pytest.raises(DataError, match=re.escape("select/rsr.jsonl: not a selection among split.jsonl's training")):
+        PairData(split_rows, rows, "split.jsonl", "accepted.jsonl", chosen[:7], "select/rsr.jsonl")
+
+
 def test_held_out_takes_whole_seeds_and_complete_groups_drops_broken_ones(rows):
     ood = [dict(r, domain="finance") for r in rows if r["domain"] == "mathematics"]
     test, ood_rows = held_out(rows, ood, 3, "x")
