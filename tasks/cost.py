@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from iga.data.teacher import make_teacher
 from iga.data.verify import make_verifier
+from iga.errors import ConfigError
 from iga.experiment.cost import step_memory, step_time
 from iga.experiment.variants import complete_groups, train_units
 from iga.hardware import describe, resolve_device
@@ -63,43 +64,79 @@ def _memory() -> tuple[float, float]:
     return step_memory(_worker["method"], _worker["batches"][-1], _worker["device"])
 
 
+class _Worker:
+    """One method in its own process (so its peak memory is its own), forked from a server that has imported torch
+    and transformers once (~10 s a process otherwise) and has run nothing: no threads, no model. A context: the
+    process ends with the block."""
+
+    def __init__(self, params: Params, method_name: str, context: Any):
+        self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context)
+        try:
+            self.pool.submit(_load, params, method_name).result()  # a task, not an initializer: a failure is itself
+            for i in range(WARMUP_STEPS):
+                self.step(i)
+        except BaseException:
+            self.pool.shutdown(cancel_futures=True)
+            raise
+
+    def __enter__(self) -> _Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+    def step(self, i: int) -> tuple[float, int, int]:
+        return self.pool.submit(_step, i).result()
+
+    def memory(self) -> tuple[float, float]:
+        return self.pool.submit(_memory).result()
+
+
 @task(cache_policy=NO_CACHE)
 def measure_cost(params: Params) -> dict[str, Any]:
-    """Each of Table 1's methods in its own process (so its peak memory is its own), with the model and batches
-    identical, timed in interleaved rounds: in round r every method steps once on batch r, the methods' order
-    rotated by one each round, so a method's ratio to ERM within a round is paired by batch and by the minute, and
-    the machine's drift over the stage (2-3x between sittings at 986f5fe, when the methods ran one after the
-    other) falls on every method alike. All the processes stay loaded (on a 2-core CPU, ~1 GB each for SmolLM2)
-    and only one steps at a time. They fork from a server that has imported torch and transformers once (~10 s a
-    process otherwise) and has run nothing: no threads, no model."""
+    """Each of Table 1's methods against ERM, step beside step: one ERM process stays loaded; each other method in
+    turn gets its own process and `experiment.cost_steps` rounds, in each of which it and ERM step once on the
+    round's batch, alternately first. A method's ratio to ERM in a round is then paired by batch and by the minute,
+    and the machine's drift over the stage (2-3x between sittings at 986f5fe, when the methods ran one after the
+    other) cancels. Two processes at a time: all ten at once (each ~2.5 GB after its first steps) ran a 23 GB
+    machine out of memory."""
     methods = list(dict.fromkeys(params.experiment.runs[r].method for r in params.experiment.table1))
+    if "erm" not in methods:
+        raise ConfigError(f"experiment.table1 has no run of method erm, which Table 3 is relative to: {methods}")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    workers = {m: concurrent.futures.ProcessPoolExecutor(1, mp_context=context) for m in methods}
-    try:
-        for m in methods:  # a task, not the pool's initializer: a failure is raised here as itself
-            workers[m].submit(_load, params, m).result()
-        for i in range(WARMUP_STEPS):
-            for m in methods:
-                workers[m].submit(_step, i).result()
-        rounds: dict[str, list[tuple[float, int, int]]] = {m: [] for m in methods}
-        for r in range(params.experiment.cost_steps):
-            for m in methods[r % len(methods):] + methods[:r % len(methods)]:
-                rounds[m].append(workers[m].submit(_step, WARMUP_STEPS + r).result())
-        memory = {m: workers[m].submit(_memory).result() for m in methods}
-    finally:
-        for pool in workers.values():
-            pool.shutdown(cancel_futures=True)
-    device = resolve_device(params.train.device)
+    rounds = range(WARMUP_STEPS, WARMUP_STEPS + params.experiment.cost_steps)
+    timed: dict[str, list[tuple[float, int, int]]] = {m: [] for m in methods}
+    beside: dict[str, list[float]] = {}  # ERM's step beside each of a method's
+    memory = {}
+    log = get_run_logger()
+    with _Worker(params, "erm", context) as erm:
+        for m in [x for x in methods if x != "erm"]:
+            beside[m] = []
+            with _Worker(params, m, context) as worker:
+                for k, i in enumerate(rounds):
+                    first, second = (erm, worker) if k % 2 == 0 else (worker, erm)
+                    a, b = first.step(i), second.step(i)
+                    mine, theirs = (b, a) if first is erm else (a, b)
+                    timed[m].append(mine)
+                    timed["erm"].append(theirs)
+                    beside[m].append(theirs[0])
+                memory[m] = worker.memory()
+            log.info("%s: %.2f s per step (median of %d rounds), ERM beside it %.2f s, peak +%.0f MB", m,
+                     statistics.median(t for t, _, _ in timed[m]), len(rounds), statistics.median(beside[m]),
+                     memory[m][1])
+        if len(methods) == 1:  # ERM alone: its own rounds
+            timed["erm"] = [erm.step(i) for i in rounds]
+        memory["erm"] = erm.memory()
     costs = {}
     for m in methods:
-        times = [t for t, _, _ in rounds[m]]
-        costs[m] = {"method": m, "step_time_s": statistics.median(times), "step_times_s": times,
-                    "peak_mb": memory[m][1], "peak_total_mb": memory[m][0], "device": device.type,
-                    "sequences": rounds[m][0][2], "tokens": [n for _, n, _ in rounds[m]]}
-        get_run_logger().info("%s: %.2f s per step (median of %d rounds), peak +%.0f MB", m, costs[m]["step_time_s"],
-                              len(times), costs[m]["peak_mb"])
+        times = [t for t, _, _ in timed[m]]
+        costs[m] = {"step_time_s": statistics.median(times), "step_times_s": times,
+                    "erm_step_times_s": beside.get(m, times), "peak_mb": memory[m][1], "peak_total_mb": memory[m][0]}
+    device = resolve_device(params.train.device)
     result = {"methods": costs, "runs": {r: params.experiment.runs[r].method for r in params.experiment.table1},
-              "machine": describe(device), "warmup_steps": WARMUP_STEPS, "threads": params.train.threads}
+              "device": device.type, "machine": describe(device), "threads": params.train.threads,
+              "warmup_steps": WARMUP_STEPS, "sequences": timed["erm"][0][2],
+              "tokens": [n for _, n, _ in timed["erm"][:len(rounds)]]}  # each round's batch, the same in every block
     write_json(COST, result)
     return result
