@@ -237,9 +237,9 @@ def table3(cost: dict[str, Any]) -> str:
     rounds = len(cost["tokens"])
     rows, confidence = [], 1.0
     for m, c in methods.items():
-        t, t_lo, t_hi, _ = median_interval(c["step_times_s"])
-        ratio, lo, hi, conf = median_interval([a / b for a, b in zip(c["step_times_s"], c["erm_step_times_s"])])
-        confidence = min(confidence, conf) if m != "erm" else confidence  # ERM's own ratio is 1 by definition
+        t, t_lo, t_hi, t_conf = median_interval(c["step_times_s"])
+        ratio, lo, hi, r_conf = median_interval([a / b for a, b in zip(c["step_times_s"], c["erm_step_times_s"])])
+        confidence = min(confidence, t_conf, r_conf if m != "erm" else 1.0)  # ERM's own ratio is 1 by definition
         rows.append([m, f"{t:.2f} [{t_lo:.2f}, {t_hi:.2f}]", f"{ratio:.2f}× [{lo:.2f}, {hi:.2f}]",
                      f"{c['peak_mb']:.0f}", f"{c['peak_mb'] / erm['peak_mb']:.2f}×"])
     coverage = "95 % intervals" if confidence >= 0.95 else (
