@@ -267,7 +267,7 @@ class ExperimentParams:
     steps: int  # optimizer steps per run
     eval_groups: int  # held-out test seeds whose ID and OOD problems each run generates (NLL, LCS: every test seed)
     max_new_tokens: Budget  # greedy decoding budget per completion
-    cost_steps: int  # table 3: timed steps per method on one batch, after one warm-up step
+    cost_steps: int  # table 3: timed rounds, each method and ERM one step a round on its new batch, after warm-up
     runner: Literal["local", "ray"]  # local: one (run, draw, seed) after another in the flow's process; ray: Ray tasks
     ray: RayParams
     hparam_draws: int  # per Table 1 run: draw 0 = the configured hyperparameters, 1.. random from `ranges`

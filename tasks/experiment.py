@@ -25,16 +25,13 @@ from iga.params import Params
 from iga.stages import fingerprint
 from iga.train.loop import resume_point
 from tasks import tracking
-from tasks.paths import ACCEPTED, BASE_MODEL, OOD, SEEDS, TEST, TRAIN, pair_checkpoints, pair_outputs, selected_outputs
+from tasks.paths import BASE_MODEL, SEEDS, pair_checkpoints, pair_inputs, pair_outputs
 
 
 def _data(select: str) -> tuple[PairData, dict[str, str]]:
     """The rows a pair whose run selects by `select` reads and the md5 of each file, as dvc.lock records them."""
-    files = {"train": TRAIN, "test": TEST, "ood": OOD}
-    training = selected_outputs(select)["train"]
-    data = PairData({side: read_jsonl(path) for side, path in files.items()}, read_jsonl(ACCEPTED), str(TRAIN),
-                    str(ACCEPTED), read_jsonl(training), str(training))
-    return data, {str(p): tracking.data_hash(p) for p in (*files.values(), ACCEPTED, training)}
+    files = pair_inputs(select)
+    return PairData.read(files), {str(p): tracking.data_hash(p) for p in files.values()}
 
 
 def _verifier(params: Params, method: str) -> Any:

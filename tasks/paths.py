@@ -84,6 +84,13 @@ def selected_outputs(strategy: str | None = None) -> dict[str, Path]:
             "ledger": folder / "ledger.jsonl", "metrics": SELECT_METRICS.with_name(f"select-{strategy}.json")}
 
 
+def pair_inputs(select: str) -> dict[str, Path]:
+    """What a pair whose run selects by `select` reads (iga.experiment.pair.PairData.read): the split, the gate's
+    accepted rows, and the training rows with the CoTs its selected@ stage kept."""
+    return {"train": TRAIN, "test": TEST, "ood": OOD, "accepted": ACCEPTED,
+            "training": selected_outputs(select)["train"]}
+
+
 def pair_outputs(run: str, draw: int, seed: int) -> dict[str, Path]:
     """A finished (run, hyperparameter draw, seed), as its DVC stage declares it (small, committed to git):
     `metrics` (summary, validation, hyperparameters, training, what ran), `scores` (every held-out problem),

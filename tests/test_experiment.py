@@ -18,9 +18,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from scipy import stats as scipy_stats
 from conftest import DVC, ROOT, copy_project, ran, sh, write_params
 
 from iga.data.seeds import make_seeds
@@ -33,7 +30,7 @@ from iga.experiment.variants import PHRASINGS, as_seen, complete_groups, held_ou
 from iga.io import read_jsonl, write_jsonl
 from iga.params import RunConfig, load_params
 from iga.report.comparable import check_comparable
-from iga.report.tables import COMPARED, median_interval, table3
+from iga.report.tables import COMPARED, table3
 from tasks.paths import (ACCEPTED, BASE_MODEL, GATE_DAGS, GATE_LEDGER, ISOMERS_LEDGER, OOD, PAIRS, SEEDS, TABLES, TEST,
                          TRAIN, pair_outputs)
 
@@ -214,38 +211,6 @@ def test_table3_is_relative_to_the_erm_step_beside_each_round():
     assert "min–max, which with 3 rounds cover the median only 75 % of the time (95 % needs 6)" in table3(short)
     alone = {**short, "methods": {"erm": short["methods"]["erm"]}, "runs": {"erm": "erm"}}
     assert "cover the median only 75 % of the time" in table3(alone)  # ERM's own step times say it too
-
-
-@pytest.mark.parametrize("n, k", [(1, 1), (5, 1), (6, 1), (8, 1), (9, 2), (17, 5), (40, 14)])
-def test_the_median_interval_is_the_narrowest_pair_of_order_statistics_at_95_percent(n, k):
-    """k from scipy's binomial: the interval (x_(k), x_(n+1-k)) covers the median with 1 - 2 P(B <= k-1)."""
-    x = np.random.default_rng(n).exponential(size=n)
-    median, lo, hi, confidence = median_interval(x)
-    s = np.sort(x)
-    assert (median, lo, hi) == (np.median(x), s[k - 1], s[n - k])
-    assert confidence == pytest.approx(1 - 2 * scipy_stats.binom.cdf(k - 1, n, 0.5))
-    assert (confidence >= 0.95) == (n >= 6)  # below 6 values: min-max, said with its lower confidence
-    if n >= 6 and k < (n + 1) // 2:
-        assert 1 - 2 * scipy_stats.binom.cdf(k, n, 0.5) < 0.95  # one pair further in would not reach 95 %
-
-
-def test_the_median_interval_covers_a_skewed_median_as_often_as_it_says():
-    """Step times are skewed (a stall slows a step): exponential values, true median ln 2."""
-    rng = np.random.default_rng(0)
-    hits = [lo <= np.log(2) <= hi for lo, hi in (median_interval(rng.exponential(size=9))[1:3] for _ in range(4000))]
-    assert np.mean(hits) == pytest.approx(median_interval(np.arange(9.0))[3], abs=0.012)  # 0.961; 4 sd of 4000 draws
-
-
-@settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=30), st.sampled_from([0.5, 0.9, 0.95, 0.99]))
-def test_the_median_interval_holds_the_median(values, level):
-    median, lo, hi, confidence = median_interval(values, level)
-    assert min(values) <= lo <= median <= hi <= max(values) and 0 <= confidence < 1
-
-
-def test_a_median_of_nothing_is_a_clear_error():
-    with pytest.raises(ValueError, match="median_interval: no values"):
-        median_interval([])
 
 
 PROJECT = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -147,6 +147,7 @@ def test_the_public_math_api_is_where_users_import_it_from():
     from iga.stats import (  # noqa: F401
         cluster_bootstrap_ci,
         detectable_difference,
+        median_interval,
         paired_bootstrap_diff,
         paired_permutation_p,
     )

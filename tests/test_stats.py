@@ -12,6 +12,7 @@ from iga.stats import (
     detectable_difference,
     gap_closed,
     holm,
+    median_interval,
     paired_bootstrap_diff,
     paired_permutation_p,
 )
@@ -223,3 +224,35 @@ def test_a_gap_that_may_not_exist_has_no_bounded_fraction():
     assert np.isfinite(lo) and lo <= f <= hi
     with pytest.raises(ValueError, match="no gap to close"):
         gap_closed(method, baseline, baseline, seeds)
+
+
+@pytest.mark.parametrize("n, k", [(1, 1), (5, 1), (6, 1), (8, 1), (9, 2), (17, 5), (40, 14)])
+def test_the_median_interval_is_the_narrowest_pair_of_order_statistics_at_95_percent(n, k):
+    """k from scipy's binomial: the interval (x_(k), x_(n+1-k)) covers the median with 1 - 2 P(B <= k-1)."""
+    x = np.random.default_rng(n).exponential(size=n)
+    median, lo, hi, confidence = median_interval(x)
+    s = np.sort(x)
+    assert (median, lo, hi) == (np.median(x), s[k - 1], s[n - k])
+    assert confidence == pytest.approx(1 - 2 * scipy_stats.binom.cdf(k - 1, n, 0.5))
+    assert (confidence >= 0.95) == (n >= 6)  # below 6 values: min-max, said with its lower confidence
+    if n >= 6 and k < (n + 1) // 2:
+        assert 1 - 2 * scipy_stats.binom.cdf(k, n, 0.5) < 0.95  # one pair further in would not reach 95 %
+
+
+def test_the_median_interval_covers_a_skewed_median_as_often_as_it_says():
+    """Step times are skewed (a stall slows a step): exponential values, true median ln 2."""
+    rng = np.random.default_rng(0)
+    hits = [lo <= np.log(2) <= hi for lo, hi in (median_interval(rng.exponential(size=9))[1:3] for _ in range(4000))]
+    assert np.mean(hits) == pytest.approx(median_interval(np.arange(9.0))[3], abs=0.012)  # 0.961; 4 sd of 4000 draws
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=30), st.sampled_from([0.5, 0.9, 0.95, 0.99]))
+def test_the_median_interval_holds_the_median(values, level):
+    median, lo, hi, confidence = median_interval(values, level)
+    assert min(values) <= lo <= median <= hi <= max(values) and 0 <= confidence < 1
+
+
+def test_a_median_of_nothing_is_a_clear_error():
+    with pytest.raises(ValueError, match="median_interval: no values"):
+        median_interval([])

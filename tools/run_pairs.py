@@ -34,10 +34,7 @@ from iga.errors import ConfigError  # noqa: E402
 from iga.experiment.sweep import Pair  # noqa: E402
 from iga.io import read_jsonl, write_json, write_jsonl  # noqa: E402
 from iga.params import PARAMS_FILE, Params, load_params  # noqa: E402
-from tasks.paths import (ACCEPTED, BASE_MODEL, OOD, RUNS, SEEDS, TEST, TRAIN, pair_outputs,  # noqa: E402 (no Prefect)
-                         selected_outputs)
-
-DATA = {"train": TRAIN, "test": TEST, "ood": OOD}
+from tasks.paths import BASE_MODEL, RUNS, SEEDS, pair_inputs, pair_outputs  # noqa: E402 (no Prefect)
 
 
 def overrides(pairs: list[str]) -> dict[str, Any]:
@@ -68,9 +65,7 @@ def one(params_path: str, sets: dict[str, Any], pair: Pair, device: str, threads
     torch.set_num_threads(threads)
     params = load_params(params_path, sets)
     run = params.experiment.runs[pair.run]
-    training = selected_outputs(run.select)["train"]
-    data = PairData({side: read_jsonl(path) for side, path in DATA.items()}, read_jsonl(ACCEPTED), str(DATA["train"]),
-                    str(ACCEPTED), read_jsonl(training), str(training))
+    data = PairData.read(pair_inputs(run.select))
     method = params.methods[run.method]
     verifier = make_verifier(params, read_jsonl(SEEDS), make_teacher(params)) if method.kind == "vcd" else None
     with tempfile.TemporaryDirectory(prefix="iga-pair-") as checkpoints:

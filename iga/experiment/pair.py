@@ -9,7 +9,7 @@ import dataclasses
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -20,6 +20,7 @@ from iga.eval.scores import summarize
 from iga.experiment.sweep import Pair, drawn, hold_out, hparams, validation, validation_seeds
 from iga.experiment.variants import as_seen, complete_groups, evaluation_sets, run_domains, train_units
 from iga.hardware import describe, resolve_precision
+from iga.io import read_jsonl
 from iga.params import Params, TrainParams
 from iga.train.loop import summarize as summarize_training, train, trainable
 from iga.train.methods import build_method
@@ -40,6 +41,12 @@ class PairData:
     accepted_file: str
     training: list[Row]  # the split's training rows, each with the CoT the run's `select` kept (its selected@ stage)
     training_file: str
+
+    @classmethod
+    def read(cls, files: Mapping[str, Path]) -> PairData:
+        """From the files that tasks.paths.pair_inputs names: train, test, ood, accepted, training."""
+        return cls({side: read_jsonl(files[side]) for side in ("train", "test", "ood")}, read_jsonl(files["accepted"]),
+                   str(files["train"]), str(files["accepted"]), read_jsonl(files["training"]), str(files["training"]))
 
     def __post_init__(self) -> None:
         key = lambda r: (r["group_id"], r["domain"])  # noqa: E731

@@ -115,15 +115,20 @@ def draws(params: Params, run: str) -> range:
     and their reference are compared with the same search budget), draw 0 alone for Table 2's ablations
     (IGA with one thing changed at the configured hyperparameters; a search over τ would undo the τ
     ablations)."""
-    ex = params.experiment
-    return range(ex.hparam_draws if run in ex.table1 or run == ex.oracle else 1)
+    return range(params.experiment.hparam_draws if _compared(params, run) else 1)
 
 
 def seeds_of(params: Params, run: str) -> tuple[int, ...]:
     """The training seeds a run takes: every one of `experiment.seeds` for Table 1's runs and the oracle,
     `experiment.table2_seeds` for an ablation alone (compared with IGA on those seeds)."""
     ex = params.experiment
-    return ex.seeds if run in ex.table1 or run == ex.oracle else ex.table2_seeds
+    return ex.seeds if _compared(params, run) else ex.table2_seeds
+
+
+def _compared(params: Params, run: str) -> bool:
+    """Table 1's runs and the oracle, as opposed to Table 2's ablations."""
+    ex = params.experiment
+    return run in ex.table1 or run == ex.oracle
 
 
 def matrix(params: Params) -> list[Pair]:

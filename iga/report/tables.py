@@ -8,7 +8,6 @@ zero (OOD above ID) is not better than no gap.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Collection, Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ from iga.errors import DataError
 from iga.eval.scores import Comparison, Evaluation, compare, gap_closed
 from iga.params import RunConfig
 from iga.report.report import Summaries, detectable_or_none, figure_cell, markdown, results_table
-from iga.stats import holm
+from iga.stats import holm, median_interval
 
 ALPHA = 0.05
 # (header, figure, +1 higher is better / −1 lower is better (|gap| for the gaps), display scale, decimals)
@@ -207,25 +206,6 @@ def table2(summaries: Summaries, evaluations: dict[str, list[Evaluation]], confi
         + RULE + " LCS of every run is measured on the same seed-level held-out groups (for the instance-level "
         "split some of them were seen in training).",
         markdown(["Ablation vs full", *(h for h, _, _, _, _ in COMPARED)], deltas), detectable_line(pairs)]) + "\n"
-
-
-# Table 3's interval. Not in iga.stats, which every pair and demo stage depends on: DVC would rerun them all.
-def median_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float, float, float]:
-    """(median, lo, hi, confidence): the sample median and the distribution-free interval between two order
-    statistics, x_(k) and x_(n+1-k), that covers the true median with probability `confidence` (the number of
-    values below the median is Binomial(n, 1/2)): the narrowest such interval with confidence >= `level`. With
-    too few values for `level` (n < 6 at 95 %) it is min-max with its lower confidence, said rather than
-    stretched. For timings, whose noise is one-sided (a stall slows a step, nothing speeds one up), where a
-    mean and its t interval would not do."""
-    x = np.sort(np.asarray(values, dtype=float))
-    n = x.size
-    if n == 0:
-        raise ValueError("median_interval: no values")
-    confidence = lambda k: 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n  # noqa: E731
-    k = 1
-    while k < (n + 1) // 2 and confidence(k + 1) >= level:
-        k += 1
-    return float(np.median(x)), float(x[k - 1]), float(x[n - k]), confidence(k)
 
 
 def table3(cost: dict[str, Any]) -> str:
