@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import statistics
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from prefect import get_run_logger, task
@@ -29,6 +29,7 @@ from tasks.paths import BASE_MODEL, COST, SEEDS, TRAIN
 WARMUP_STEPS = 2
 
 _worker: dict[str, Any] = {}  # a worker process's method, batches and device: one method per process
+Step = tuple[float, int, int]  # a step's seconds, tokens and sequences
 
 
 def _load(params: Params, method_name: str) -> None:
@@ -53,7 +54,7 @@ def _load(params: Params, method_name: str) -> None:
                    batches=batches, device=device)
 
 
-def _step(i: int) -> tuple[float, int, int]:
+def _step(i: int) -> Step:
     """(seconds, tokens, sequences) of the worker's step on batch i."""
     batch = _worker["batches"][i]
     return (step_time(_worker["method"], batch, _worker["device"]), int(batch.attention_mask.sum()),
@@ -85,11 +86,30 @@ class _Worker:
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(cancel_futures=True)
 
-    def step(self, i: int) -> tuple[float, int, int]:
+    def step(self, i: int) -> Step:
         return self.pool.submit(_step, i).result()
 
     def memory(self) -> tuple[float, float]:
         return self.pool.submit(_memory).result()
+
+
+def _round(worker: _Worker, erm: _Worker, i: int, erm_first: bool) -> tuple[Step, Step]:
+    """(the method's step, ERM's step) on batch i, one after the other."""
+    if erm_first:
+        e = erm.step(i)
+        return worker.step(i), e
+    w = worker.step(i)
+    return w, erm.step(i)
+
+
+def _seconds(steps: Iterable[Step]) -> list[float]:
+    return [t for t, _, _ in steps]
+
+
+def _cost(times: list[float], erm_times: list[float], memory: tuple[float, float]) -> dict[str, Any]:
+    """A method's cost.json entry: its step times, ERM's beside them, and its peak memory (total, over the model)."""
+    return {"step_time_s": statistics.median(times), "step_times_s": times, "erm_step_times_s": erm_times,
+            "peak_mb": memory[1], "peak_total_mb": memory[0]}
 
 
 @task(cache_policy=NO_CACHE)
@@ -106,37 +126,27 @@ def measure_cost(params: Params) -> dict[str, Any]:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     rounds = range(WARMUP_STEPS, WARMUP_STEPS + params.experiment.cost_steps)
-    timed: dict[str, list[tuple[float, int, int]]] = {m: [] for m in methods}
-    beside: dict[str, list[float]] = {}  # ERM's step beside each of a method's
+    paired: dict[str, list[tuple[Step, Step]]] = {}  # each method's (its step, ERM's step) of every round
     memory = {}
     log = get_run_logger()
     with _Worker(params, "erm", context) as erm:
         for m in [x for x in methods if x != "erm"]:
-            beside[m] = []
             with _Worker(params, m, context) as worker:
-                for k, i in enumerate(rounds):
-                    first, second = (erm, worker) if k % 2 == 0 else (worker, erm)
-                    a, b = first.step(i), second.step(i)
-                    mine, theirs = (b, a) if first is erm else (a, b)
-                    timed[m].append(mine)
-                    timed["erm"].append(theirs)
-                    beside[m].append(theirs[0])
+                paired[m] = [_round(worker, erm, i, erm_first=k % 2 == 0) for k, i in enumerate(rounds)]
                 memory[m] = worker.memory()
             log.info("%s: %.2f s per step (median of %d rounds), ERM beside it %.2f s, peak +%.0f MB", m,
-                     statistics.median(t for t, _, _ in timed[m]), len(rounds), statistics.median(beside[m]),
-                     memory[m][1])
-        if len(methods) == 1:  # ERM alone: its own rounds
-            timed["erm"] = [erm.step(i) for i in rounds]
+                     statistics.median(_seconds(s for s, _ in paired[m])), len(rounds),
+                     statistics.median(_seconds(e for _, e in paired[m])), memory[m][1])
+        erm_steps = [e for steps in paired.values() for _, e in steps] or [erm.step(i) for i in rounds]  # ERM alone
         memory["erm"] = erm.memory()
-    costs = {}
-    for m in methods:
-        times = [t for t, _, _ in timed[m]]
-        costs[m] = {"step_time_s": statistics.median(times), "step_times_s": times,
-                    "erm_step_times_s": beside.get(m, times), "peak_mb": memory[m][1], "peak_total_mb": memory[m][0]}
+    costs = {m: _cost(_seconds(s for s, _ in steps), _seconds(e for _, e in steps), memory[m])
+             for m, steps in paired.items()}
+    costs["erm"] = _cost(_seconds(erm_steps), _seconds(erm_steps), memory["erm"])
     device = resolve_device(params.train.device)
-    result = {"methods": costs, "runs": {r: params.experiment.runs[r].method for r in params.experiment.table1},
+    result = {"methods": {m: costs[m] for m in methods},
+              "runs": {r: params.experiment.runs[r].method for r in params.experiment.table1},
               "device": device.type, "machine": describe(device), "threads": params.train.threads,
-              "warmup_steps": WARMUP_STEPS, "sequences": timed["erm"][0][2],
-              "tokens": [n for _, n, _ in timed["erm"][:len(rounds)]]}  # each round's batch, the same in every block
+              "warmup_steps": WARMUP_STEPS, "sequences": erm_steps[0][2],
+              "tokens": [n for _, n, _ in erm_steps[:len(rounds)]]}  # each round's batch, the same in every block
     write_json(COST, result)
     return result

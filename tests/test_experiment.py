@@ -217,6 +217,48 @@ PROJECT = yaml.safe_load((ROOT / "params.yaml").read_text())
 RANGES, METHODS = PROJECT["experiment"]["ranges"], PROJECT["methods"]
 
 
+def test_the_cost_stage_steps_each_method_beside_erm_alternately_first(monkeypatch):
+    """The protocol without torch: workers that record their calls and take longer the later they step."""
+    from prefect.logging import disable_run_logger
+
+    import tasks.cost as cost
+
+    calls, clock = [], iter(range(1, 10_000))
+
+    class Worker:
+        def __init__(self, params, method, context):
+            self.method = method
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def step(self, i):
+            calls.append((self.method, i))
+            return float(next(clock)), 900 + i, 4
+
+        def memory(self):
+            return 1000.0, 100.0 if self.method == "erm" else 150.0
+
+    monkeypatch.setattr(cost, "_Worker", Worker)
+    monkeypatch.setattr(cost, "write_json", lambda path, result: None)
+    monkeypatch.setattr(cost.multiprocessing, "get_context", lambda kind: type("C", (), {
+        "set_forkserver_preload": lambda self, modules: None})())
+    params = load_params(ROOT / "params.yaml", overrides={"experiment.table1": ["erm", "iga", "irm"],
+                                                          "experiment.cost_steps": 3})
+    with disable_run_logger():
+        result = cost.measure_cost.fn(params)
+    w = cost.WARMUP_STEPS
+    rounds = [("erm", w), ("iga", w), ("iga", w + 1), ("erm", w + 1), ("erm", w + 2), ("iga", w + 2)]
+    assert calls == rounds + [(m if m == "erm" else "irm", i) for m, i in rounds]  # the warm-ups are the workers'
+    iga, erm = result["methods"]["iga"], result["methods"]["erm"]
+    assert (iga["step_times_s"], iga["erm_step_times_s"]) == ([2.0, 3.0, 6.0], [1.0, 4.0, 5.0])
+    assert erm["step_times_s"] == erm["erm_step_times_s"] == [1.0, 4.0, 5.0, 7.0, 10.0, 11.0]  # beside every method
+    assert (iga["peak_mb"], erm["peak_mb"], result["tokens"], result["sequences"]) == (150.0, 100.0, [902, 903, 904], 4)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("experiment.runs.lora-sft.domains", ["mathematics", "legal"], "must name one domain"),
     ("experiment.runs.iga-n2.domains", ["mathematics", "legal", "science"], "must divide the 4 sequences"),
