@@ -1,12 +1,13 @@
 """How many test seeds would the OOD-accuracy comparison need? The minimum detectable difference of the
-test the tables use (sign-flip over test seeds with one training seed; α 0.05, power 0.8; accuracies in
-whole problems: iga.stats.detectable_difference), simulated at n test seeds drawn from the per-test-seed
-differences that committed pairs show against a baseline. A projection: it assumes more test seeds
-would differ as these 33 do.
+test the tables use (sign-flip over test seeds with one training seed, the two-level bootstrap over training
+and test seeds with several; α 0.05, power 0.8; accuracies in whole problems: iga.stats.detectable_difference),
+simulated at n test seeds drawn from the per-test-seed differences that committed pairs show against a
+baseline. A projection: it assumes more test seeds would differ as these 33 do; the training seeds stay the
+ones given, so their spread is a floor that more test seeds do not lower.
 
-    python benchmarks/test_seeds_needed.py [--baseline erm] [--seed 0] [--n 33 66 132 198 264]
+    python benchmarks/test_seeds_needed.py [--baseline erm] [--seeds 0 1 2] [--n 33 66 132 198 264]
 
-Reads experiments/runs/<run>/draw0/seed<seed>/scores.jsonl of every run that has one.
+Reads experiments/runs/<run>/draw0/seed<s>/scores.jsonl of every run that has one for each of --seeds.
 """
 from __future__ import annotations
 
@@ -34,33 +35,35 @@ def ood_by_seed(scores: Path) -> dict[str, list[float]]:
     return seeds
 
 
-def mde_at(ours: dict[str, list[float]], theirs: dict[str, list[float]], n: int) -> float:
-    """The detectable OOD-accuracy difference at `n` test seeds: the observed ones repeated to n, from which the
-    simulation draws its n seeds (so each is one of the observed, with equal chance)."""
-    common = sorted(set(ours) & set(theirs))
-    diffs = np.array([np.mean(ours[s]) - np.mean(theirs[s]) for s in common])
-    step = np.array([1.0 / len(ours[s]) for s in common])
+def mde_at(ours: list[dict[str, list[float]]], theirs: list[dict[str, list[float]]], n: int) -> float:
+    """The detectable OOD-accuracy difference at `n` test seeds, `ours[k]` and `theirs[k]` the two runs under
+    training seed k: the observed test seeds repeated to n, from which the simulation draws its n seeds (so each
+    is one of the observed, with equal chance)."""
+    common = sorted(set.intersection(*(set(o) & set(t) for o, t in zip(ours, theirs))))
+    diffs = np.array([[np.mean(o[s]) - np.mean(t[s]) for s in common] for o, t in zip(ours, theirs)])
+    step = np.array([1.0 / len(ours[0][s]) for s in common])
     pick = np.resize(np.arange(len(common)), n)
-    return detectable_difference(diffs[pick][None, :], step[pick])
+    return detectable_difference(diffs[:, pick], step[pick])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default="erm")
-    parser.add_argument("--seed", type=int, default=0, help="training seed of the pairs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the pairs")
     parser.add_argument("--n", type=int, nargs="+", default=[33, 66, 132, 198, 264])
     args = parser.parse_args()
-    runs = sorted(p.parents[2].name for p in Path("experiments/runs").glob(f"*/draw0/seed{args.seed}/scores.jsonl"))
+    have = lambda run: all(pair_outputs(run, 0, s)["scores"].is_file() for s in args.seeds)  # noqa: E731
+    runs = sorted(p.name for p in Path("experiments/runs").iterdir() if have(p.name))
     if args.baseline not in runs:
-        sys.exit(f"no committed pair {pair_outputs(args.baseline, 0, args.seed)['scores']}")
-    base = ood_by_seed(pair_outputs(args.baseline, 0, args.seed)["scores"])
+        sys.exit(f"{args.baseline}: no committed pair for each of training seeds {args.seeds}")
+    base = [ood_by_seed(pair_outputs(args.baseline, 0, s)["scores"]) for s in args.seeds]
     others = [r for r in runs if r != args.baseline]
-    print(f"OOD accuracy, minimum detectable difference (points) against {args.baseline}, training seed "
-          f"{args.seed}, by number of test seeds (each with its observed OOD problems):")
+    print(f"OOD accuracy, minimum detectable difference (points) against {args.baseline}, training seeds "
+          f"{args.seeds}, by number of test seeds (each with its observed OOD problems):")
     print(f"{'run':<12}" + "".join(f"{n:>8}" for n in args.n))
     found = defaultdict(list)
     for run in others:
-        ours = ood_by_seed(pair_outputs(run, 0, args.seed)["scores"])
+        ours = [ood_by_seed(pair_outputs(run, 0, s)["scores"]) for s in args.seeds]
         cells = []
         for n in args.n:
             mde = 100 * mde_at(ours, base, n)
