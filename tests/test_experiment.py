@@ -173,6 +173,19 @@ def test_verdicts_are_paired_and_holm_corrected():
     assert all(adjusted >= c.p for c, adjusted, _ in results.values())  # Holm never lowers a p-value
 
 
+def test_a_table_the_size_of_table_1_over_three_training_seeds_can_still_call_a_win():
+    """Holm over 72 comparisons (12 rows x 6 figures) needs p-values below 0.05 / 72; compare's 2000 bootstrap
+    replicates cannot give one (2 / 2001 x 72 > 0.05), so every verdict would be a tie."""
+    from iga.report.tables import ALPHA, resamples, verdicts
+
+    iga = [_evaluation(0.9, 0.6, seed) for seed in range(3)]
+    worse = [_evaluation(0.1, 0.9, 10 + seed) for seed in range(3)]
+    results = verdicts([("worse", iga, worse)] + [(f"same{i}", iga, iga) for i in range(11)])
+    assert 2 / (resamples(72) + 1) * 72 <= ALPHA / 10
+    assert results[("worse", "ood_accuracy")][2] == "win" and results[("worse", "nll_ood")][2] == "win"
+    assert all(results[(f"same{i}", "ood_accuracy")][2] == "tie" for i in range(11))
+
+
 def test_a_partial_matrix_is_shown_on_the_seeds_its_runs_share_naming_what_is_left_out():
     from iga.report.tables import partial_note, shown
 
