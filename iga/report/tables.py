@@ -85,13 +85,14 @@ def verdicts(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Evaluatio
     compare's 2000 replicates and Holm over 66 comparisons no verdict could be significant (66 x 0.001 >
     0.05). Every comparison whose p is below α, the only ones Holm could call, is drawn again with enough
     replicates (`resamples`). With one training seed the sign-flip test's floor, 1 / 4001, allows 200."""
-    raw = {(name, figure): compare(ours, theirs, figure)
+    n_boot = resamples(len(pairs) * len(COMPARED))
+
+    def judged(ours: Sequence[Evaluation], theirs: Sequence[Evaluation], figure: str) -> Comparison:
+        c = compare(ours, theirs, figure)
+        return compare(ours, theirs, figure, n_boot=n_boot) if len(ours) > 1 and c.p < ALPHA else c
+
+    raw = {(name, figure): judged(ours, theirs, figure)
            for name, ours, theirs in pairs for _, figure, _, _, _ in COMPARED}
-    n_boot = resamples(len(raw))
-    for name, ours, theirs in pairs:
-        for _, figure, _, _, _ in COMPARED:
-            if len(ours) > 1 and raw[name, figure].p < ALPHA:
-                raw[name, figure] = compare(ours, theirs, figure, n_boot=n_boot)
     adjusted = holm([c.p for c in raw.values()])
     sign = {figure: s for _, figure, s, _, _ in COMPARED}
     out = {}
