@@ -80,7 +80,9 @@ def write_tables(params: Params, results: list[dict[str, Any]], not_run: list[st
                 f"{ex.eval_groups * len(params.domains.ood)} OOD problems), max_new_tokens {ex.max_new_tokens}, "
                 f"student {params.student.base}, trained in {ran['train_precision']}, evaluated in {ran['eval_dtype']}")
 
-    run_s = sum(r["train"]["train_s"] + r["train"]["eval_s"] for r in results)  # training + evaluation, all runs
+    run_s: dict[str, float] = {}  # training + evaluation of every run, by the machine that ran it
+    for r in results:
+        run_s[r["ran"]["device"]] = run_s.get(r["ran"]["device"], 0.0) + r["train"]["train_s"] + r["train"]["eval_s"]
     selection = {rule: f"model selection: {rule}, {ex.hparam_draws} {plural('draw', ex.hparam_draws)} per method "
                        "(draw 0: the configured "
                        f"hyperparameters); for each training seed the draw with the best accuracy on "

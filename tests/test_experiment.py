@@ -523,6 +523,7 @@ def test_the_matrix_sweeps_selects_writes_the_tables_and_dvc_status_names_what_a
     t1, t2, t3 = ((b / TABLES[n]).read_text() for n in (1, 2, 3))
     assert all(f"| {n} |" in t1 for n in ("erm", "iga")) and "wins" in t1 and "iga vs" in t1
     assert "Holm" in t1 and "p_H" in t1 and "Minimum detectable difference" in t1
+    assert f" on {results[Pair('erm', 0, 0)]['ran']['device']}.*" in t1  # the minutes named by who ran them
     assert re.search(r"\| erm \| [^|]+ \| [\d.]+ \[[\d.]+, [\d.]+\] \|", t1)  # every figure with its interval
     assert "model selection: training-domain validation, 2 draws per method" in t1 and "## Model selection" in t1
     assert "# Table 1: IGA against the baselines, test-domain validation" in t1  # DomainBed's both rules

@@ -138,10 +138,12 @@ def detectable_line(pairs: Sequence[tuple[str, Sequence[Evaluation], Sequence[Ev
 
 
 def table1(summaries: Summaries, evaluations: dict[str, list[Evaluation]], reference: str, scale: str,
-           run_s: float, oracle: str | None = None, rule: str = "training-domain validation", partial: str = "") -> str:
+           run_s: dict[str, float], oracle: str | None = None, rule: str = "training-domain validation",
+           partial: str = "") -> str:
     """Table 1 under a model-selection `rule` with every figure's interval, then the reference method against
     each other one; with an `oracle` run (no hints), each run's share of ERM's gap to it, the oracle apart from
-    the verdicts. `partial`: the banner of a matrix that has not finished (partial_note)."""
+    the verdicts. `run_s`: the runs' seconds of training and evaluation by the device that ran them.
+    `partial`: the banner of a matrix that has not finished (partial_note)."""
     pairs = [(name, evaluations[reference], evals) for name, evals in evaluations.items()
              if name not in (reference, oracle)]
     results = verdicts(pairs)
@@ -150,8 +152,9 @@ def table1(summaries: Summaries, evaluations: dict[str, list[Evaluation]], refer
             for name, _, _ in pairs]
     return "\n\n".join([
         f"# Table 1: IGA against the baselines, {rule}", *filter(None, [partial]),
-        f"*{scale}. Training and evaluation of the pairs of Tables 1 and 2 that have run took {run_s / 60:.0f} "
-        "min on this machine.*", results_table(summaries),
+        f"*{scale}. Training and evaluation of the pairs of Tables 1 and 2 that have run took "
+        f"{sum(run_s.values()) / 60:.0f} min: " + ", ".join(f"{t / 60:.0f} on {device}" for device, t in run_s.items())
+        + ".*", results_table(summaries),
         f"## Where {reference} wins, ties or loses",
         f"Against the {len(pairs)} other methods on {len(COMPARED)} figures: **{counts['win']} wins, "
         f"{counts['tie']} ties, {counts['loss']} losses** of {sum(counts.values())} comparisons. Difference = "
