@@ -491,6 +491,7 @@ def test_tables_made_before_the_matrix_finishes_show_what_has_run_and_say_so(res
     sh([sys.executable, "-m", "flows.tables"], c, {**resumed.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
     t1, t2 = ((c / TABLES[n]).read_text() for n in (1, 2))
     assert t1.count("**Partial: 5 of 6 pairs have run.** Shown: training seed 0") == 2  # under both selection rules
+    assert "1 pair to go: `dvc status` names what is left" in t1
     assert "not run yet: oracle" in t1 and "| oracle |" not in t1 and "The gap to the no-hint oracle" not in t1
     assert all(f"| {n} |" in t1 for n in ("erm", "iga")) and "wins" in t1
     assert "**Partial: 5 of 6 pairs have run.**" in t2 and "not run yet" not in t2 and "| erm | method `erm` |" in t2

@@ -69,7 +69,8 @@ def partial_note(not_run: Sequence[str], n_pairs: int, seeds: Sequence[int], lef
     return (f"**Partial: {n_pairs - len(not_run)} of {n_pairs} pairs have run.** Shown: "
             f"{plural('training seed', len(seeds))} {', '.join(map(str, seeds))}, the ones every run below has finished"
             + (f"; not run yet: {', '.join(left_out)}" if left_out else "")
-            + f". The {len(not_run)} pairs to go: `dvc status` lists them, `dvc repro tables` runs them.")
+            + f". {len(not_run)} {plural('pair', len(not_run))} to go: `dvc status` names what is left, "
+              "`dvc repro tables` runs it.")
 
 
 def resamples(comparisons: int) -> int:
