@@ -173,6 +173,22 @@ def test_verdicts_are_paired_and_holm_corrected():
     assert all(adjusted >= c.p for c, adjusted, _ in results.values())  # Holm never lowers a p-value
 
 
+def test_an_ablation_with_test_rows_of_its_own_is_compared_on_the_shared_problems_and_the_table_says_how_many():
+    """An instance-level split scores test rows of its own: its accuracies pair with IGA's only where both
+    answered the same problem, and Table 2 names how few those are."""
+    from iga.report.tables import fewer_line, verdicts
+
+    iga = [_evaluation(0.9, 0.6, 0)]
+    own = _evaluation(0.9, 0.6, 1)
+    own["scores"] = [r if r["seed_id"] < "s10" else r | {"id": "own-" + r["id"]} for r in own["scores"]]
+    results = verdicts([("instance", iga, [own]), ("same", iga, iga)])
+    assert results[("instance", "id_accuracy")][0].n == 20 and results[("instance", "ood_accuracy")][0].n == 10
+    assert results[("same", "id_accuracy")][0].n == 80
+    assert fewer_line(results) == ("*Accuracies compared on the problems both runs answered: instance on 20 of 80 ID "
+                                   "and 10 of 40 OOD problems.*")
+    assert fewer_line(verdicts([("same", iga, iga)])) == ""
+
+
 def test_a_table_the_size_of_table_1_over_three_training_seeds_can_still_call_a_win():
     """Holm over 72 comparisons (12 rows x 6 figures) needs p-values below 0.05 / 72; compare's 2000 bootstrap
     replicates cannot give one (2 / 2001 x 72 > 0.05), so every verdict would be a tie."""

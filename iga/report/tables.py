@@ -197,7 +197,7 @@ def describe(run: RunConfig, reference: RunConfig) -> str:
     if run.domains != reference.domains:
         parts.append(f"domains {', '.join(run.domains or ('all',))}")
     if run.split != reference.split:
-        parts.append(f"{run.split}-level split (leaks: inflated ID)")
+        parts.append(f"{run.split}-level split (a seed's instances on both sides; test rows of its own)")
     return "; ".join(parts) or "nothing"
 
 
@@ -226,7 +226,20 @@ def table2(summaries: Summaries, evaluations: dict[str, list[Evaluation]], confi
         f"{sum(counts.values())} comparisons. Difference = ablation − {reference}; the verdict is the ablation's. "
         + RULE + " LCS of every run is measured on the same seed-level held-out groups (for the instance-level "
         "split some of them were seen in training).",
-        markdown(["Ablation vs full", *(h for h, _, _, _, _ in COMPARED)], deltas), detectable_line(pairs)]) + "\n"
+        markdown(["Ablation vs full", *(h for h, _, _, _, _ in COMPARED)], deltas), *filter(None, [fewer_line(results)]),
+        detectable_line(pairs)]) + "\n"
+
+
+def fewer_line(results: dict[tuple[str, str], tuple[Comparison, float, str]]) -> str:
+    """The runs whose accuracies are compared on fewer problems than the table's others (an instance-level split
+    has test rows of its own: only the problems both runs answered pair), with how many, or ""."""
+    figures = {"id_accuracy": "ID", "ood_accuracy": "OOD"}
+    n = {key: comparison.n for key, (comparison, _, _) in results.items()}
+    most = {f: max((v for (_, figure), v in n.items() if figure == f), default=0) for f in figures}
+    fewer = {name: [f"{n[(name, f)]} of {most[f]} {figures[f]}" for f in figures if n[(name, f)] < most[f]]
+             for name in dict.fromkeys(name for name, _ in results)}
+    named = [f"{name} on {' and '.join(counts)} problems" for name, counts in fewer.items() if counts]
+    return ("*Accuracies compared on the problems both runs answered: " + "; ".join(named) + ".*") if named else ""
 
 
 def table3(cost: dict[str, Any]) -> str:
