@@ -92,8 +92,9 @@ def choose_and_write(params: Params, jobs: list[tuple[Row, Row]], out: dict[str,
             for i in members:
                 chosen[i] = 0
 
-    selected = [{**row, **{k: cands[j][k] for k in _FROM_CANDIDATE}, "sample": cands[j]["sample"],
-                 **{k: cands[j][k] for k in SCORES if scoring}} for row, cands, j in zip(rows, eligible, chosen)]
+    # The scores stay in candidates.jsonl: their last digits move with the CPU, and the training rows must not
+    selected = [{**row, **{k: cands[j][k] for k in _FROM_CANDIDATE}, "sample": cands[j]["sample"]}
+                for row, cands, j in zip(rows, eligible, chosen)]
     write_jsonl(out["train"], selected)
     write_jsonl(out["candidates"], [
         {"group_id": row["group_id"], "seed_id": row["seed_id"], "domain": row["domain"], **c,
@@ -111,7 +112,8 @@ def choose_and_write(params: Params, jobs: list[tuple[Row, Row]], out: dict[str,
         "scored_trajectories": len(flat) if scoring else 0, **scored,
     }
     if scoring:
-        metrics |= {"selected": dataset_scores(selected),
+        chosen_rows = [{**row, **cands[j]} for row, cands, j in zip(rows, eligible, chosen)]
+        metrics |= {"selected": dataset_scores(chosen_rows),
                     "own": dataset_scores([{**row, **cands[0]} for row, cands in zip(rows, eligible)])}
         log.info("select (%s): %d instances, %d candidates scored in %.0f s; kept the own CoT of %d; dataset RSR "
                  "%.3f (own CoTs %.3f) -> %s", params.select.strategy, len(rows), len(flat), metrics["scoring_s"],
@@ -138,9 +140,9 @@ def _score(params: Params, flat: list[tuple[Row, Row]]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL)
     model = load_base(BASE_MODEL, params.student.dtype).to(device)
     t0 = time.perf_counter()
-    scores = score_trajectories(model, tokenizer, [(row["problem"], c["cot_solution"]) for row, c in flat],
-                                params.select.batch_size, params.select.rank_clip)
+    texts = [(row["problem"], c["cot_solution"]) for row, c in flat]
+    scores = score_trajectories(model, tokenizer, texts, params.select.batch_size, params.select.rank_clip)
     for (_, c), s in zip(flat, scores):
         c.update(s)
     return {"scoring_s": round(time.perf_counter() - t0, 1), "device": describe(device),
-            "rank_clip": params.select.rank_clip}
+            "rank_clip": params.select.rank_clip, "distinct_trajectories": len(set(texts))}

@@ -43,6 +43,20 @@ def test_scores_do_not_depend_on_batching_and_match_a_direct_computation(tiny_ba
         assert s["rsr"] == pytest.approx(float(ranks.sum() / nlls.sum()), rel=1e-4)
 
 
+def test_a_text_given_twice_is_scored_once_so_its_twins_tie_exactly(tiny_base):
+    """Samples often come out word for word the same; scored in different batches their scores would differ in
+    the last bits, by the CPU's summation order, and which twin is kept would depend on the machine."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = load_base(tiny_base, "float32"), AutoTokenizer.from_pretrained(tiny_base)
+    twin = ("Let x be 3. What is x + 4?", "Step 1: x + 4 = 3 + 4 = 7.\nAnswer: 7")
+    other = ("Let y be 10. What is y * 2?", "Step 1: y * 2 = 20.\nStep 2: that is all.\nAnswer: 20")
+    calls = []
+    scores = score_trajectories(model, tokenizer, [twin, other, twin], batch_size=1, clip=100, on_batch=calls.append)
+    assert sum(calls) == 2 and scores[0] == scores[2] and scores[0] is not scores[2] and scores[0] != scores[1]
+    assert choose([{"rsr": s["rsr"]} for s in (scores[2], scores[0])], SelectParams("rsr", 0, 8, 100), "g|d") == 0
+
+
 def test_every_strategy_chooses_as_documented():
     cands = [{"rsr": 3.0, "avg_nll": 1.0}, {"rsr": 2.0, "avg_nll": 2.0}, {"rsr": 2.0, "avg_nll": 0.5}]
     pick = {s: choose(cands, SelectParams(s, 0, 8, 100), "g|d") for s in ("first", "rsr", "nll", "random")}
@@ -97,13 +111,18 @@ def test_select_first_hands_training_the_split_rows_and_rsr_the_lowest(split_pro
     selected = read_jsonl(out["train"])
     candidates = read_jsonl(out["candidates"])
     assert len(candidates) == 3 * len(train) and metrics["candidates_sampled"] == 2 * len(train)
-    assert all(r[k] is not None for r in selected for k in ("rsr", "avg_rank", "avg_nll"))
+    # the training rows carry no scores (their last digits move with the CPU); the candidates do
+    assert not any(k in r for r in selected for k in ("rsr", "avg_rank", "avg_nll"))
+    assert all(c[k] is not None for c in candidates if c["eligible"] for k in ("rsr", "avg_rank", "avg_nll"))
     for row in selected:
         mine = [c for c in candidates if (c["group_id"], c["domain"]) == (row["group_id"], row["domain"])]
         eligible = [c for c in mine if c["eligible"]]
+        kept = next(c for c in mine if c["chosen"])
         assert mine[0]["eligible"] and sum(c["chosen"] for c in mine) == 1
+        assert (kept["sample"], kept["cot_solution"]) == (row["sample"], row["cot_solution"])
         if metrics["groups_reverted_step_gate"] == 0:
-            assert row["rsr"] == min(c["rsr"] for c in eligible)
+            best = min(c["rsr"] for c in eligible)
+            assert kept["rsr"] == best and kept is next(c for c in eligible if c["rsr"] == best)  # twins: the first
         assert all(c["alignment_score"] >= 0.85 for c in eligible)
     assert metrics["selected"]["rsr"]["estimate"] <= metrics["own"]["rsr"]["estimate"]
     assert metrics["kept_own"] < len(train)  # the samples were worth choosing from

@@ -18,11 +18,17 @@ SCORES = ("rsr", "avg_rank", "avg_nll")
 def score_trajectories(model: Any, tokenizer: Any, texts: Sequence[tuple[str, str]], batch_size: int, clip: int,
                        on_batch: Callable[[int], None] = lambda n: None) -> list[dict[str, float]]:
     """{rsr, avg_rank, avg_nll, tokens} of each (problem, cot) under `model`, from the teacher-forced pass
-    evaluation uses (iga.train.forced)."""
+    evaluation uses (iga.train.forced). A text given twice is scored once: samples often come out word for word
+    the same, and scored in different batches their scores would differ in the last bits, by the CPU's summation
+    order, so which of the twins `choose` keeps would depend on the machine (docs/measured.md)."""
     from iga.train.forced import teacher_forced  # torch: not for choosing, which the stage does without a model
 
-    return [{"rsr": f.rank / f.nll, "avg_rank": f.rank / f.tokens, "avg_nll": f.nll / f.tokens, "tokens": f.tokens}
-            for f in teacher_forced(model, tokenizer, list(texts), batch_size, rank_clip=clip, on_batch=on_batch)]
+    distinct = list(dict.fromkeys(texts))
+    scored = {text: {"rsr": f.rank / f.nll, "avg_rank": f.rank / f.tokens, "avg_nll": f.nll / f.tokens,
+                     "tokens": f.tokens}
+              for text, f in zip(distinct, teacher_forced(model, tokenizer, distinct, batch_size, rank_clip=clip,
+                                                          on_batch=on_batch))}
+    return [dict(scored[text]) for text in texts]
 
 
 def choose(candidates: list[dict[str, Any]], params: SelectParams, key: str) -> int:
