@@ -44,14 +44,14 @@ def rows(markdown: str) -> dict[str, list[str]]:
 
 
 def test_table1_every_figure_with_its_interval_and_size():
-    md = table1([make_run("erm", id_acc=0.61, ood_acc=0.45, lcs_norm=0.0812, lcs_raw=12.345),
+    md = table1([make_run("erm", id_acc=0.61, ood_acc=0.45, lcs_norm=0.0812, lcs_raw=16379.34),
                  make_run("iga", id_acc=0.6, ood_acc=0.55)])
     table = rows(md)
     assert table["Method"] == ["n", "ID acc.", "OOD acc.", "Δ-Gap", "NLL ID", "NLL OOD", "NLL gap",
                                "LCS (normalised)", "LCS (raw)", "GSM8K"]
     assert table["erm"][:4] == ["132/66 of 33 seeds", "61.0 [56.0, 66.0]", "45.0 [35.0, 55.0]", "16.0 [6.0, 26.0]"]
     assert table["erm"][4:8] == ["0.500", "0.800", "0.300 [0.250, 0.350]", "0.081 [0.071, 0.091]"]
-    assert table["erm"][8:] == ["12.3", "2.0"]  # no interval given: the bare value
+    assert table["erm"][8:] == ["16379", "2.0"]  # no interval given: the bare value; raw LCS in whole units
     assert list(table) == ["Method", "erm", "iga"]  # order of first appearance
     assert "negative gap is not better than zero" in md.splitlines()[-1]
 
