@@ -3,7 +3,10 @@ test the tables use (sign-flip over test seeds with one training seed, the two-l
 and test seeds with several; α 0.05, power 0.8; accuracies in whole problems: iga.stats.detectable_difference),
 simulated at n test seeds drawn from the per-test-seed differences that committed pairs show against a
 baseline. A projection: it assumes more test seeds would differ as these 33 do; the training seeds stay the
-ones given, so their spread is a floor that more test seeds do not lower.
+ones given, so their spread is a floor that more test seeds do not lower. Then what the committed matrix
+would cost at each n: every pair's measured training time plus its evaluation time scaled to n test seeds
+(the 24 validation problems do not scale), on the CPU each pair ran on, scoring every problem of the n test seeds
+or only their OOD ones beyond the first 33.
 
     python benchmarks/test_seeds_needed.py [--baseline erm] [--seeds 0 1 2] [--n 33 66 132 198 264]
 
@@ -12,6 +15,7 @@ Reads experiments/runs/<run>/draw0/seed<s>/scores.jsonl of every run that has on
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -71,7 +75,34 @@ def main() -> None:
             cells.append(f"{mde:8.1f}")
         print(f"{run:<12}" + "".join(cells))
     print(f"{'median':<12}" + "".join(f"{np.median(found[n]):8.1f}" for n in args.n))
+    matrix_cost(args.n)
 
+
+def matrix_cost(ns: list[int], test_seeds: int = 33, held_out: tuple[int, int] = (132, 66),
+                validation: int = 24) -> None:
+    """The committed pairs' hours at n test seeds, by the CPU each ran on (metrics.json: `ran.device`, and the
+    training's `train_s` and `eval_s`, which holds the evaluation and the validation), with every held-out problem
+    of the n test seeds scored or, beyond the first 33, only their OOD ones (the comparison that needs the power);
+    a problem costs the same wherever it is, and the pair's remaining wall time (loading, writing) stays."""
+    n_id, n_ood = held_out
+    scales = {"every problem": [(n * (n_id + n_ood) / test_seeds + validation) / (n_id + n_ood + validation)
+                                for n in ns],
+              "OOD beyond 33": [(n_id + n * n_ood / test_seeds + validation) / (n_id + n_ood + validation) for n in ns]}
+    hours: dict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros(len(ns)))
+    pairs: dict[str, int] = defaultdict(int)
+    for path in sorted(Path("experiments/runs").glob("*/draw*/seed*/metrics.json")):
+        m = json.loads(path.read_text())
+        t, ran = m["train"], m["ran"]
+        rest = ran["end"] - ran["start"] - t["train_s"] - t["eval_s"]
+        pairs[ran["device"]] += 1
+        for what, scale in scales.items():
+            for device in (ran["device"], "all"):
+                hours[what, device] += (t["train_s"] + t["eval_s"] * np.array(scale) + rest) / 3600
+    pairs["all"] = sum(pairs.values())
+    print("\nThe committed matrix's compute (hours, 2 cores) at n test seeds, each pair on the CPU it ran on:")
+    print(f"{'scored':<14}{'pairs':>6}  {'cpu':<44}" + "".join(f"{n:>8}" for n in ns))
+    for (what, device), h in sorted(hours.items(), key=lambda kv: (list(scales).index(kv[0][0]), kv[0][1] == "all")):
+        print(f"{what:<14}{pairs[device]:>6}  {device:<44}" + "".join(f"{x:8.1f}" for x in h))
 
 if __name__ == "__main__":
     main()
