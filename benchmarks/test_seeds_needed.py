@@ -82,12 +82,12 @@ def matrix_cost(ns: list[int], test_seeds: int = 33, held_out: tuple[int, int] =
                 validation: int = 24) -> None:
     """The committed pairs' hours at n test seeds, by the CPU each ran on (metrics.json: `ran.device`, and the
     training's `train_s` and `eval_s`, which holds the evaluation and the validation), with every held-out problem
-    of the n test seeds scored or, beyond the first 33, only their OOD ones (the comparison that needs the power);
+    of the n test seeds scored or, beyond the first `test_seeds`, only their OOD ones (the comparison that needs the power);
     a problem costs the same wherever it is, and the pair's remaining wall time (loading, writing) stays."""
     n_id, n_ood = held_out
     scales = {"every problem": [(n * (n_id + n_ood) / test_seeds + validation) / (n_id + n_ood + validation)
                                 for n in ns],
-              "OOD beyond 33": [(n_id + n * n_ood / test_seeds + validation) / (n_id + n_ood + validation) for n in ns]}
+              f"OOD beyond {test_seeds}": [(n_id + n * n_ood / test_seeds + validation) / (n_id + n_ood + validation) for n in ns]}
     hours: dict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros(len(ns)))
     pairs: dict[str, int] = defaultdict(int)
     for path in sorted(Path("experiments/runs").glob("*/draw*/seed*/metrics.json")):
