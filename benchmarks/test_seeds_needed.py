@@ -104,5 +104,6 @@ def matrix_cost(ns: list[int], test_seeds: int = 33, held_out: tuple[int, int] =
     for (what, device), h in sorted(hours.items(), key=lambda kv: (list(scales).index(kv[0][0]), kv[0][1] == "all")):
         print(f"{what:<14}{pairs[device]:>6}  {device:<44}" + "".join(f"{x:8.1f}" for x in h))
 
+
 if __name__ == "__main__":
     main()
