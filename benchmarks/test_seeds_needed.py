@@ -78,31 +78,28 @@ def main() -> None:
     matrix_cost(args.n)
 
 
-def matrix_cost(ns: list[int], test_seeds: int = 33, held_out: tuple[int, int] = (132, 66),
-                validation: int = 24) -> None:
-    """The committed pairs' hours at n test seeds, by the CPU each ran on (metrics.json: `ran.device`, and the
-    training's `train_s` and `eval_s`, which holds the evaluation and the validation), with every held-out problem
-    of the n test seeds scored or, beyond the first `test_seeds`, only their OOD ones (the comparison that needs the power);
-    a problem costs the same wherever it is, and the pair's remaining wall time (loading, writing) stays."""
-    n_id, n_ood = held_out
-    scales = {"every problem": [(n * (n_id + n_ood) / test_seeds + validation) / (n_id + n_ood + validation)
-                                for n in ns],
-              f"OOD beyond {test_seeds}": [(n_id + n * n_ood / test_seeds + validation) / (n_id + n_ood + validation) for n in ns]}
-    hours: dict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros(len(ns)))
-    pairs: dict[str, int] = defaultdict(int)
-    for path in sorted(Path("experiments/runs").glob("*/draw*/seed*/metrics.json")):
-        m = json.loads(path.read_text())
-        t, ran = m["train"], m["ran"]
-        rest = ran["end"] - ran["start"] - t["train_s"] - t["eval_s"]
-        pairs[ran["device"]] += 1
-        for what, scale in scales.items():
-            for device in (ran["device"], "all"):
-                hours[what, device] += (t["train_s"] + t["eval_s"] * np.array(scale) + rest) / 3600
-    pairs["all"] = sum(pairs.values())
+def matrix_cost(ns: list[int], test_seeds: int = 33) -> None:
+    """The committed pairs' hours at n test seeds, by the CPU each ran on (metrics.json's `ran`): a pair's wall time
+    with its evaluation (`train.eval_s`, which holds the held-out problems and the validation) scaled by how many
+    problems it would score, every held-out one of n test seeds or, beyond the first `test_seeds`, only the OOD
+    ones (the comparison that needs the power). A problem costs the same wherever it is; validation does not grow."""
+    pairs = [json.loads(p.read_text()) for p in sorted(Path("experiments/runs").glob("*/draw*/seed*/metrics.json"))]
+    n = np.array(ns, dtype=float) / test_seeds
+
+    def hours(m: dict, ood_only: bool) -> np.ndarray:
+        e, v = m["eval"], m["validation"]
+        now = e["n_id"] + e["n_ood"] + v["n"] + v["ood"]["n"]
+        then = now + (e["n_ood"] if ood_only else e["n_id"] + e["n_ood"]) * (n - 1)
+        return (m["ran"]["end"] - m["ran"]["start"] + m["train"]["eval_s"] * (then / now - 1)) / 3600
+
+    devices = sorted({m["ran"]["device"] for m in pairs})
     print("\nThe committed matrix's compute (hours, 2 cores) at n test seeds, each pair on the CPU it ran on:")
-    print(f"{'scored':<14}{'pairs':>6}  {'cpu':<44}" + "".join(f"{n:>8}" for n in ns))
-    for (what, device), h in sorted(hours.items(), key=lambda kv: (list(scales).index(kv[0][0]), kv[0][1] == "all")):
-        print(f"{what:<14}{pairs[device]:>6}  {device:<44}" + "".join(f"{x:8.1f}" for x in h))
+    print(f"{'scored':<14}{'pairs':>6}  {'cpu':<44}" + "".join(f"{x:>8}" for x in ns))
+    for what, ood_only in (("every problem", False), (f"OOD beyond {test_seeds}", True)):
+        for device in (*devices, "all"):
+            mine = [m for m in pairs if device in ("all", m["ran"]["device"])]
+            total = sum(hours(m, ood_only) for m in mine)
+            print(f"{what:<14}{len(mine):>6}  {device:<44}" + "".join(f"{x:8.1f}" for x in total))
 
 
 if __name__ == "__main__":
